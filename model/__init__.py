@@ -1,0 +1,10 @@
+"""The Llama family (SmolLM, SmolLM2, Llama 3.x): config, network, loading, tokenizer, generation."""
+
+from .config import PRESETS, ModelConfig
+from .generate import generate, generate_batched
+from .llama import KVCache, Llama, count_parameters
+from .load import build_model, load_model, read_safetensors, resolve_source
+from .tokenizer import Tokenizer
+
+__all__ = ["PRESETS", "ModelConfig", "Llama", "KVCache", "Tokenizer", "load_model", "build_model",
+           "read_safetensors", "resolve_source", "generate", "generate_batched", "count_parameters"]

@@ -1,0 +1,77 @@
+"""Import a llama.cpp GGUF file: dequantized weights under hub names, the config, the tokenizer.
+
+llama.cpp's converter permutes the rows of q_proj and k_proj (it stores RoPE pairs interleaved);
+`_unpermute` undoes it so the weights fit the hub's rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .tokenizer import Tokenizer
+
+# GGUF tensor name (after "blk.{i}.") -> hub name (after "model.layers.{i}.")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's q/k permutation: rows (head, hd/2, 2) -> (head, 2, hd/2)."""
+    out, inp = w.shape
+    return w.reshape(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def _hub_name(name: str) -> str:
+    base, _, suffix = name.rpartition(".")  # suffix: "weight" or "bias"
+    if base.startswith("blk."):
+        _, layer, rest = base.split(".", 2)
+        if rest not in _LAYER_NAMES:
+            raise ValueError(f"GGUF tensor {name} has no Llama counterpart")
+        return f"model.layers.{layer}.{_LAYER_NAMES[rest]}.{suffix}"
+    if base not in _TOP_NAMES:
+        raise ValueError(f"GGUF tensor {name} has no Llama counterpart")
+    return f"{_TOP_NAMES[base]}.{suffix}"
+
+
+def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r} is not supported (llama)")
+    tokenizer = Tokenizer.from_gguf(reader)
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig(
+        hidden_size=int(field("llama.embedding_length")), num_hidden_layers=int(field("llama.block_count")),
+        num_attention_heads=int(field("llama.attention.head_count")),
+        num_key_value_heads=int(field("llama.attention.head_count_kv", field("llama.attention.head_count"))),
+        intermediate_size=int(field("llama.feed_forward_length")),
+        vocab_size=int(field("llama.vocab_size", len(field("tokenizer.ggml.tokens")))),
+        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(field("llama.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+        name=str(field("general.name", path)),
+    )
+    state = {}
+    for t in reader.tensors:
+        # ggml lists shapes innermost first; the dequantized numpy array is (out, in) like torch.
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        array = np.asarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        tensor = torch.from_numpy(array.copy())
+        if t.name.startswith("blk.") and ".attn_q." in t.name:
+            tensor = _unpermute(tensor, config.num_attention_heads)
+        elif t.name.startswith("blk.") and ".attn_k." in t.name:
+            tensor = _unpermute(tensor, config.num_key_value_heads)
+        state[_hub_name(t.name)] = tensor
+    return config, state, tokenizer

@@ -1,0 +1,223 @@
+"""The Llama network (SmolLM, SmolLM2 and Llama 3.x are all Llamas), written to be read in one sitting.
+
+    logits = lm_head(norm(layers(embed_tokens(ids))))
+    layer:   h = x + o_proj(attention(rope(q_proj(rms(x))), rope(k_proj(rms(x))), v_proj(rms(x))))
+             y = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+
+Module names are the hub checkpoints' (`model.layers.{i}.self_attn.q_proj`, ...), so a hub
+state dict loads as it is. Conventions, each matching transformers' `LlamaForCausalLM`:
+- RMSNorm is computed in float32 and cast back before the weight multiplies it;
+- RoPE is the non-interleaved "rotate-half" layout of hub checkpoints, angles and cos/sin computed
+  in float32 (with Llama 3.x `rope_scaling`), applied in the activations' dtype;
+- grouped-query attention goes through `scaled_dot_product_attention` with `enable_gqa`;
+- a tied head shares one Parameter with the embedding (`lm_head.weight is embed_tokens.weight`).
+
+Padding is handled by position, never by token id: `attention_mask` (batch, time) marks the real
+tokens, and `position_ids` count only those. Generation uses `KVCache`, a preallocated cache that
+all rows of a batch fill in step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the normalisation in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """inv_freq[i] = theta^(-2i/head_dim), float32, with `rope_scaling` applied.
+
+    llama3 scaling (Llama 3.1/3.2): with wavelength w = 2*pi/f, low_wl = orig/low_freq_factor and
+    high_wl = orig/high_freq_factor, keep f if w < high_wl, use f/factor if w > low_wl, and in between
+    blend (1-s)*f/factor + s*f with s = (orig/w - low_freq_factor)/(high_freq_factor - low_freq_factor).
+    linear scaling divides every f by `factor`.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    scaling = config.rope_scaling
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        orig = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for positions (B, T); angles in float32."""
+    angles = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)                         # (B, T, hd)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x*cos + cat(-x2, x1)*sin, for x (B, heads, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer: (layers, B, n_kv, max_len, hd) each.
+
+    `length` is how many positions are filled; every row of the batch advances together
+    (left-padded prompts keep their padding masked through `attention_mask`).
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):
+        super().__init__()
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hd) at the current length; return all filled keys and values."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} positions; {end} were asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.hd = layer, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.hd, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, config.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)                              # (B, n_kv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The hub's `model.*` submodule: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM. `forward(input_ids)` returns logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each layer in backward (non-reentrant)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the embedding Parameter with the head (call again after loading with assign=True)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states (B, T, hidden).
+
+        attention_mask (B, S): True/1 for real tokens over every position seen so far (the cache's
+        and these T); needed only when a batch holds padding that later tokens must not see.
+        position_ids (B, T): defaults to the positions after what the cache holds.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)
+        mask = None
+        if attention_mask is not None or past > 0:
+            # (B, 1, T, S) boolean: causal, and only real keys; each query also sees itself so that
+            # rows of pure padding stay finite (their outputs are never used).
+            S = past + T
+            q_pos = torch.arange(past, S, device=x.device)[:, None]
+            k_pos = torch.arange(S, device=x.device)[None, :]
+            mask = (k_pos <= q_pos)[None, None]
+            if attention_mask is not None:
+                mask = (mask & attention_mask[:, None, None, :S].bool()) | (k_pos == q_pos)[None, None]
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters counted once each (a tied head is not counted twice)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

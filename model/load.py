@@ -1,0 +1,127 @@
+"""load_model(source) -> (Llama, Tokenizer), from an alias, a hub id, a hub-layout folder or a .gguf file.
+
+Only safetensors and GGUF are read: never pickle, never remote code. The network is built on the
+meta device and the checkpoint's tensors are assigned into it, so weights are never held twice;
+every key and shape is checked both ways before anything is assigned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, ModelConfig
+from .llama import Llama
+from .tokenizer import Tokenizer
+
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+# Tensors some checkpoints carry that the network computes itself.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """('gguf' | 'dir', local path): a .gguf file or folder as given, else an alias or hub id downloaded."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {text} does not exist")
+        return "gguf", path
+    if path.is_dir():
+        return "dir", path
+    if text in PRESETS:
+        return "dir", download(PRESETS[text][0])
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        return "dir", download(text)
+    raise ValueError(f"model {text!r} is not a local folder, a .gguf file, a hub id (org/name) or a known alias; "
+                     f"valid aliases: {', '.join(PRESETS)}")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch only the files a Llama checkpoint needs (honours the local cache and HF_HUB_OFFLINE)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise RuntimeError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}, then log in "
+                           "with `huggingface-cli login` (or set HF_TOKEN) and run again") from None
+    except RepositoryNotFoundError:
+        raise RuntimeError(f"{repo_id} was not found on the hub (check the spelling, or log in if it is private)") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise RuntimeError(f"{repo_id} is not in the local cache and {why}: download it on a connected machine "
+                           "(`huggingface-cli download ...`) or pass a local folder or .gguf file") from None
+    except OSError as e:  # connection errors surface as OSError subclasses
+        raise RuntimeError(f"could not download {repo_id} from the hub ({type(e).__name__}: {e}); pass a local folder "
+                           "or set HF_HUB_OFFLINE=1 to use the cache") from None
+
+
+def read_safetensors(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors checkpoints are read, never pickle files)")
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(str(folder / name), device=str(device)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{folder / name}: unreadable safetensors file ({e}); it may be truncated, download it again") from None
+    return state
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> Llama:
+    """Build on the meta device, check keys and shapes both ways, then assign the tensors."""
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # a tied checkpoint may carry a copy of the embedding
+    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        raise ValueError(f"checkpoint has unexpected tensor(s): {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(f"tensor {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    model.tie_weights()
+    return model
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
+    """(model, tokenizer) from an alias (`smollm2-360m`), a hub id, a hub-layout folder or a .gguf file."""
+    kind, path = resolve_source(source)
+    if kind == "gguf":
+        from .gguf import read_gguf
+
+        config, state, tokenizer = read_gguf(path)
+    else:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json")
+        config = ModelConfig.from_json(path / "config.json")
+        state = read_safetensors(path, device="cpu")
+        tokenizer = Tokenizer.from_dir(path)
+    config.name = PRESETS[str(source)][0] if str(source) in PRESETS else config.name or str(source)
+    model = build_model(config, state, dtype=dtype, device=device)
+    return model.eval(), tokenizer

@@ -1,0 +1,161 @@
+"""Tokenizer: the checkpoint's byte-level BPE (the `tokenizers` library) plus its special-token policy.
+
+BOS is added in exactly one place, `encode(text, bos=True)`, and only when the checkpoint's policy
+says every sequence starts with BOS (`add_bos`). The library's own post-processor (which for
+Llama 3 inserts `<|begin_of_text|>`) is never run: `encode` always passes `add_special_tokens=False`.
+EOS, pad, BOS and the chat template are read from the checkpoint's files (tokenizer_config.json,
+config.json, generation_config.json) or from a GGUF file's `tokenizer.ggml.*` metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+# llama.cpp's pre-tokenizer names -> how the text is split before byte-level BPE.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_PRE_TOKENIZERS = {
+    # SmolLM / SmolLM2 (as in their tokenizer.json): each digit alone, then GPT-2's byte-level split.
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "llama-bpe": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+}
+_GGUF_PRE_TOKENIZERS["llama3"] = _GGUF_PRE_TOKENIZERS["llama-v3"] = _GGUF_PRE_TOKENIZERS["llama-bpe"]
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are special tokens
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, *, bos_id: int | None, eos_id: int, pad_id: int | None = None,
+                 add_bos: bool = False, stop_ids=(), chat_template: str | None = None):
+        self.tok = tok
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id   # padding is masked by position, so any id works
+        self.add_bos = add_bos and bos_id is not None
+        self.stop_ids = {eos_id, *stop_ids}                   # generation stops at any of these
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the vocabulary, merges, specials and BOS policy: a cache key."""
+        h = hashlib.sha256(self.tok.to_str().encode())
+        h.update(json.dumps([self.bos_id, self.eos_id, self.pad_id, self.add_bos]).encode())
+        return h.hexdigest()
+
+    def encode(self, text: str, *, bos: bool = False) -> list[int]:
+        """Token ids of `text`; with bos=True, BOS first when the checkpoint's policy adds one."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos and self.add_bos else ids
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, text: str) -> int | None:
+        return self.tok.token_to_id(text)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """Render `messages` with the checkpoint's Jinja chat template (jinja2 sandbox, as transformers does)."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template; use the alpaca template instead")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        specials = {name: (self.tok.id_to_token(i) if i is not None else "")
+                    for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """A hub-layout folder: tokenizer.json, and tokenizer_config.json / config.json / generation_config.json if present."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (only the fast-tokenizer file format is read)")
+        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        read = lambda name: json.loads((path / name).read_text()) if (path / name).is_file() else {}
+        tok_cfg, model_cfg, gen_cfg = read("tokenizer_config.json"), read("config.json"), read("generation_config.json")
+
+        def special(name: str, fallback_key: str):
+            text = _token_text(tok_cfg.get(name))
+            token_id = tok.token_to_id(text) if text else None
+            return token_id if token_id is not None else model_cfg.get(fallback_key)
+
+        bos_id, pad_id = special("bos_token", "bos_token_id"), special("pad_token", "pad_token_id")
+        eos_id = special("eos_token", "eos_token_id")
+        stops = []
+        for cfg in (model_cfg, gen_cfg):
+            value = cfg.get("eos_token_id")
+            stops += value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(eos_id, list):
+            eos_id = eos_id[0]
+        if eos_id is None:
+            raise ValueError(f"{path}: no EOS token in tokenizer_config.json or config.json")
+        if "add_bos_token" in tok_cfg:
+            add_bos = bool(tok_cfg["add_bos_token"])
+        else:  # the library's post-processor tells us whether the checkpoint starts sequences with BOS
+            probe = tok.encode("a", add_special_tokens=True).ids
+            add_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+        template = tok_cfg.get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
+                   stop_ids=stops, chat_template=template)
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Tokenizer":
+        """Rebuild the byte-level BPE of a GGUF file (a path or a `gguf.GGUFReader`) from its metadata."""
+        import gguf
+
+        if not isinstance(reader, gguf.GGUFReader):
+            reader = gguf.GGUFReader(str(reader))
+        field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+        kind = field("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE, 'gpt2', is)")
+        tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges")
+        types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                                     ignore_merges=False))
+        pre = field("tokenizer.ggml.pre", "default")
+        if pre not in _GGUF_PRE_TOKENIZERS:
+            raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(_GGUF_PRE_TOKENIZERS)})")
+        tok.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)])
+        bos_id, eos_id = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=field("tokenizer.ggml.padding_token_id"),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=field("tokenizer.chat_template"))
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json in hub layout (readable by transformers too)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(path / "tokenizer.json"))
+        name = lambda i: self.tok.id_to_token(i) if i is not None else None
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id),
+               "eos_token": name(self.eos_id), "pad_token": name(self.pad_id), "add_bos_token": self.add_bos,
+               "clean_up_tokenization_spaces": False}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
