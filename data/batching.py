@@ -3,12 +3,13 @@
 An optimizer step takes `seqs_per_step` rows drawn at random (eCeLLM: 128, as gradient accumulation
 over micro-batches of 1). We keep the rows of a step random, so a step's gradient is the same
 estimate it would be without grouping, and only group by length *within* the step: its rows, sorted
-longest first, are cut greedily into micro-batches whose padded size
+longest first, are cut into micro-batches whose padded size
 
     rows * round_up(max_len, multiple_of) <= max_tokens
 
-(a row longer than max_tokens gets a micro-batch of its own). Each step's first micro-batch holds
-its longest row, so an out-of-memory shows in the first micro-batch of a step rather than later.
+(a row longer than max_tokens gets a micro-batch of its own), choosing the cuts that minimise padded
+tokens plus a per-micro-batch overhead (pack_by_length). Each step's first micro-batch holds its
+longest row, so an out-of-memory shows in the first micro-batch of a step rather than later.
 
 The plan is a pure function of (lengths, epoch, seed, sizes): resuming mid-epoch is calling
 plan_epoch again and skipping the steps already done.
@@ -34,37 +35,56 @@ def epoch_order(n: int, *, epoch: int, seed: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def pack_by_length(rows: Sequence[int], lengths: Sequence[int], *, max_tokens: int,
-                   multiple_of: int = 8) -> list[list[int]]:
-    """Rows sorted longest first (ties by index), cut greedily into micro-batches within max_tokens."""
-    micro_batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0                                        # padded length of `current` = its first (longest) row
-    for i in sorted(rows, key=lambda i: (-lengths[i], i)):
-        if current and (len(current) + 1) * width > max_tokens:
-            micro_batches.append(current)
-            current = []
-        if not current:
-            width = round_up(lengths[i], multiple_of)
-        current.append(i)
-    if current:
-        micro_batches.append(current)
-    return micro_batches
+def pack_by_length(rows: Sequence[int], lengths: Sequence[int], *, max_tokens: int, multiple_of: int = 8,
+                   batch_overhead: int | None = None) -> list[list[int]]:
+    """Cut `rows` into micro-batches of similar length, each within max_tokens.
+
+    The rows are sorted longest first (ties by index) and cut into contiguous runs by dynamic
+    programming, minimising
+
+        sum over micro-batches of  rows * round_up(max_len, multiple_of) + batch_overhead
+
+    i.e. padded tokens computed plus a fixed price per micro-batch (kernel launches, weight
+    dequantisation) counted in tokens; default max_tokens // 32. With a price of 0 every row would
+    get its own micro-batch; a very high price gives the fewest micro-batches.
+    """
+    if batch_overhead is None:
+        batch_overhead = max_tokens // 32
+    order = sorted(rows, key=lambda i: (-lengths[i], i))
+    n = len(order)
+    if n == 0:
+        return []
+    width = np.array([round_up(lengths[i], multiple_of) for i in order], dtype=np.int64)   # (n,) descending
+    # best[k]: cheapest cost of the first k sorted rows; start[k]: where its last micro-batch starts.
+    best = np.zeros(n + 1, dtype=np.int64)
+    start = np.zeros(n + 1, dtype=np.int64)
+    j = np.arange(n, dtype=np.int64)
+    for k in range(1, n + 1):
+        size = k - j[:k]                                      # (k,) rows in a micro-batch order[j:k]
+        cost = best[:k] + size * width[:k] + batch_overhead   # its longest row is order[j]
+        cost[(size * width[:k] > max_tokens) & (size > 1)] = np.iinfo(np.int64).max
+        start[k] = int(np.argmin(cost))                       # first minimum: deterministic
+        best[k] = cost[start[k]]
+    micro_batches, k = [], n
+    while k > 0:
+        micro_batches.append(order[start[k]: k])
+        k = int(start[k])
+    return micro_batches[::-1]
 
 
 def plan_epoch(lengths: Sequence[int], *, epoch: int, seed: int, seqs_per_step: int, max_tokens: int,
-               multiple_of: int = 8) -> list[list[list[int]]]:
+               multiple_of: int = 8, batch_overhead: int | None = None) -> list[list[list[int]]]:
     """plan[step][micro_batch] = row indices. Every row exactly once; same arguments, same plan.
 
     Step s holds rows order[s * seqs_per_step : (s + 1) * seqs_per_step] of epoch_order (the last
-    step may hold fewer), grouped by length into micro-batches (module docstring).
+    step may hold fewer), grouped by length into micro-batches by pack_by_length.
     """
     if seqs_per_step < 1 or max_tokens < 1 or multiple_of < 1:
         raise ValueError("seqs_per_step, max_tokens and multiple_of must be positive")
     lengths = list(lengths)
     order = epoch_order(len(lengths), epoch=epoch, seed=seed).tolist()
     return [pack_by_length(order[start: start + seqs_per_step], lengths, max_tokens=max_tokens,
-                           multiple_of=multiple_of)
+                           multiple_of=multiple_of, batch_overhead=batch_overhead)
             for start in range(0, len(order), seqs_per_step)]
 
 

@@ -115,10 +115,10 @@ class RaggedIds(Sequence):
 
     @classmethod
     def from_lists(cls, lists: Sequence[Sequence[int]]) -> "RaggedIds":
-        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.fromiter((v for x in lists for v in x), dtype=np.int32, count=int(offsets[-1]))
+        arrays = [np.asarray(x, dtype=np.int32) for x in lists]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
         return cls(values, offsets)
 
     def __len__(self) -> int:
@@ -244,6 +244,17 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / f"tokenized-{key[:20]}.arrow"
 
 
+def _progress(rows, verbose: bool):
+    """A tqdm bar on stderr for long runs (the full training set takes minutes), if tqdm is installed."""
+    if not verbose or len(rows) < 5000:
+        return rows
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return rows
+    return tqdm(rows, desc="tokenizing", unit="rows", mininterval=2.0)
+
+
 def tokenize_rows(rows: Sequence[dict], tokenizer, *, cutoff: int = 2048, template: str = "alpaca",
                   train_on_inputs: bool = False, cache_dir: str | Path | None = None,
                   verbose: bool = True) -> TokenizedData:
@@ -265,7 +276,7 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, *, cutoff: int = 2048, templa
 
     input_ids, labels, source_index, truncated = [], [], [], []
     per_task: dict[str, Counter] = {}
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_progress(rows, verbose)):
         counts = per_task.setdefault(row.get("task", "?"), Counter())
         counts["rows"] += 1
         ex = encode_example(row, tokenizer, cutoff=cutoff, template=template, train_on_inputs=train_on_inputs)
@@ -279,14 +290,14 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, *, cutoff: int = 2048, templa
         truncated.append(ex["truncated"])
 
     lengths = [len(x) for x in input_ids]
-    dropped = len(rows) - len(input_ids)
-    stats = {"rows": len(rows), "kept": len(input_ids), "dropped": dropped, "truncated": sum(truncated),
-             "tokens": sum(lengths), "supervised_tokens": sum(sum(v != IGNORE_INDEX for v in x) for x in labels),
+    input_ids, labels = RaggedIds.from_lists(input_ids), RaggedIds.from_lists(labels)
+    dropped = len(rows) - len(lengths)
+    stats = {"rows": len(rows), "kept": len(lengths), "dropped": dropped, "truncated": sum(truncated),
+             "tokens": sum(lengths), "supervised_tokens": int((labels.values != IGNORE_INDEX).sum()),
              "cutoff": cutoff, "template": template, "train_on_inputs": train_on_inputs,
              "per_task": {t: {k: c[k] for k in ("rows", "dropped", "truncated")} for t, c in per_task.items()},
              "cache": "off" if cache_dir is None else "miss"}
-    data = TokenizedData(RaggedIds.from_lists(input_ids), RaggedIds.from_lists(labels), lengths,
-                         source_index, truncated, stats)
+    data = TokenizedData(input_ids, labels, lengths, source_index, truncated, stats)
     if verbose and dropped:
         which = ", ".join(f"{t} {c['dropped']}" for t, c in stats["per_task"].items() if c["dropped"])
         print(f"dropped {dropped} of {len(rows)} rows whose answer does not fit in {cutoff} tokens ({which})",

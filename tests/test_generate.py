@@ -23,8 +23,8 @@ def reference_greedy(model, prompt: list[int], *, max_new_tokens: int, stop_ids=
     out: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids]))[0, -1]      # (vocab,)
-            token = int(logits.argmax())
+            hidden = model(torch.tensor([ids]), return_hidden=True)   # (1, T, hidden), no cache, no mask
+            token = int(model.lm_head(hidden[0, -1]).argmax())        # head on the last position only
             if token in stop_ids:
                 break
             out.append(token)
@@ -54,13 +54,21 @@ def with_extra_stop(model, prompts, max_new_tokens):
     return {model.config.eos_token_id, first[len(first) // 2]}
 
 
-@pytest.mark.parametrize("batch_size", [1, 16])
-def test_tiny_matches_reference_decoder(tiny, batch_size):
+@pytest.fixture(scope="module")
+def tiny_case(tiny):
+    """(prompts, stop ids, reference outputs) for the tiny model, computed once."""
     model, tokenizer = tiny
     prompts = fixed_prompts(tokenizer, model.config.vocab_size)
     stops = with_extra_stop(model, prompts, 12)
     expected = [reference_greedy(model, p, max_new_tokens=12, stop_ids=stops) for p in prompts]
     assert len({len(e) for e in expected}) > 1, "the fixture should make rows stop at different steps"
+    return prompts, stops, expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_tiny_matches_reference_decoder(tiny, tiny_case, batch_size):
+    model, tokenizer = tiny
+    prompts, stops, expected = tiny_case
     got = generate_batched(model, prompts, batch_size=batch_size, max_new_tokens=12, stop_ids=stops,
                            pad_id=tokenizer.pad_id)
     assert got == expected
@@ -79,8 +87,8 @@ def test_tiny_padding_id_does_not_matter(tiny):
 def test_smollm2_matches_reference_decoder(smollm2):
     model, tokenizer = smollm2
     texts = ["The capital of France is", "Question: is a phone case a substitute for a phone?\nAnswer:",
-             "1, 2, 3, 4,", "Below is an instruction that describes a task.\n\n### Instruction:\nSay yes.\n\n"
-             "### Response:\n", "Hello", "def add(a, b):"]
+             "Below is an instruction that describes a task.\n\n### Instruction:\nSay yes.\n\n### Response:\n",
+             "Hello"]
     prompts = [tokenizer.encode(t, bos=True) for t in texts]
     stops = tokenizer.stop_ids
     expected = [reference_greedy(model, p, max_new_tokens=8, stop_ids=stops) for p in prompts]

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from model import Llama, ModelConfig
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, vocab_size=384, rope_theta=10000.0, max_position_embeddings=4096,
+            intermediate_size=128, vocab_size=384, rope_theta=10000.0, max_position_embeddings=4096,
             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CORPUS = [

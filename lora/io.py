@@ -1,0 +1,273 @@
+"""Adapter files in PEFT's format, and merged exports in hub layout.
+
+Adapter folder (what `peft.PeftModel.from_pretrained`, vLLM and llama.cpp's convert_lora_to_gguf read):
+- `adapter_config.json`: PEFT's LoraConfig keys only (r, lora_alpha, lora_dropout, target_modules, ...);
+- `adapter_model.safetensors`: `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
+  (out, r), float32, metadata {"format": "pt"}.
+A head adapter on a tied model is saved like any other (`base_model.model.lm_head.lora_A.weight`);
+peft applies it to the output projection only, as we do (it warns that the layer is tied).
+
+Merged export (what transformers and `model.load_model` read): config.json, generation_config.json,
+model.safetensors, tokenizer files; every adapter folded in (W + B @ A * alpha/r, in float32, then cast),
+NF4 bases dequantized first. A tied model whose head has an adapter is exported untied
+(`tie_word_embeddings: false` and its own `lm_head.weight`): the embedding is written unchanged.
+Every file is written to a temporary name and renamed into place, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .apply import HEAD, apply_lora, lora_layers
+from .layer import LoRALinear
+from .nf4 import dequantize_nf4, is_nf4
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-named adapter tensors: `base_model.model.<module path>.lora_A.weight` and `.lora_B.weight`."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return state
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path` (same folder, so the rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
+    layers = lora_layers(model)
+    first = next(iter(layers.values()))
+    if any((l.r, l.alpha) != (first.r, first.alpha) for l in layers.values()):
+        raise ValueError("all LoRA layers must share one r and alpha to be saved in PEFT's format")
+    cfg = getattr(model, "lora_config", {})
+    targets = cfg.get("targets") or list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
+    p = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    if base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "name", "") or ""
+        base_model_name_or_path = name if _HUB_ID.match(name) and not Path(name).exists() else None
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path, "revision": None,
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": p,
+        "target_modules": list(targets),
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into folder `path`.
+
+    `base_model_name_or_path` defaults to the model's hub id when it has one (never a local path).
+    Other files in the folder (e.g. training_args.json) are left alone.
+    """
+    from safetensors.torch import save_file
+
+    if not lora_layers(model):
+        raise ValueError("the model has no LoRA adapters to save (call apply_lora first)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = _adapter_config(model, base_model_name_or_path)
+    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def read_adapter_config(path) -> dict:
+    """adapter_config.json of folder `path`, checked for the LoRA features this code implements."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+    if missing:
+        raise ValueError(f"{file}: missing key(s) {', '.join(missing)}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{file}: peft_type {cfg['peft_type']!r} is not supported (LORA is)")
+    unsupported = [k for k, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False))
+                   if cfg.get(k, ok) != ok]
+    unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+                    if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if unsupported:
+        raise ValueError(f"{file}: unsupported LoRA option(s) {', '.join(unsupported)} (plain LoRA with one r and alpha is)")
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):  # PEFT reads a string as a regex; a bare name means that one module
+        if not re.fullmatch(r"[\w.]+", targets):
+            raise ValueError(f"{file}: target_modules {targets!r} is a regex; a list of module names is expected")
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{file}: target_modules must be a non-empty list of module names, got {targets!r}")
+    cfg["target_modules"] = targets
+    return cfg
+
+
+def read_adapter_weights(path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        hint = " (adapter_model.bin is a pickle file and is not read)" if (Path(path) / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{file}: no such file{hint}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.Module:
+    """Load a PEFT-format LoRA adapter from folder `path` into `model` (in place; returns it).
+
+    A model without LoRA gets it first: apply_lora with the file's r, lora_alpha, lora_dropout and
+    target_modules, and `quantize`. Then every tensor name and shape is checked both ways against the
+    model before anything is copied (the error names the tensor and both shapes).
+    """
+    cfg = read_adapter_config(path)
+    tensors = read_adapter_weights(path)
+    layers = lora_layers(model)
+    if not layers:
+        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                   targets=cfg["target_modules"], quantize=quantize)
+        layers = lora_layers(model)
+    else:
+        first = next(iter(layers.values()))
+        if (first.r, first.alpha) != (cfg["r"], cfg["lora_alpha"]):
+            raise ValueError(f"{Path(path) / CONFIG_NAME}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, but the model's "
+                             f"LoRA layers have r={first.r}, alpha={first.alpha}")
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("the model's adapters are merged: call unmerge_lora(model) before loading an adapter")
+    own = {k: v for k, v in lora_state_dict(model).items()}
+    file = Path(path) / WEIGHTS_NAME
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) the model has, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) the model has no layer for, e.g. {', '.join(unexpected[:3])}")
+        raise ValueError(f"{file} does not fit this model: " + "; ".join(parts))
+    for key, param in own.items():
+        if tensors[key].shape != param.shape:
+            raise ValueError(f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, but this model's layer "
+                             f"expects {tuple(param.shape)}: the adapter was saved for another base model")
+        if not tensors[key].is_floating_point():
+            raise ValueError(f"{file}: tensor {key} has dtype {tensors[key].dtype}; a floating-point tensor is expected")
+    for key, param in own.items():
+        param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+    return model
+
+
+# ---- merged export --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Hub-named dense tensors of the model with every adapter folded in; the model is not changed.
+
+    Contains `lm_head.weight` whenever the head is untied or carries an adapter (see export_merged).
+    """
+    state: dict[str, torch.Tensor] = {}
+    done: list[str] = []  # prefixes of modules already written as a whole
+    join = lambda prefix, name: f"{prefix}.{name}" if prefix else name
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in done):
+            continue
+        if isinstance(module, LoRALinear) or is_nf4(module):
+            if isinstance(module, LoRALinear):
+                weight, bias = module.merged_weight(), getattr(module.base, "bias", None)
+            else:
+                weight, bias = dequantize_nf4(module), module.bias
+            state[join(name, "weight")] = weight.to(dtype).cpu()
+            if bias is not None:
+                state[join(name, "bias")] = bias.detach().to(dtype).cpu()
+            done.append(name + ".")
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            state[join(name, pname)] = p.detach().to(dtype).cpu()
+        for bname, b in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                state[join(name, bname)] = b.detach().to(dtype).cpu()
+    return state
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@torch.no_grad()
+def export_merged(model: nn.Module, tokenizer, path, *, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write the merged model in hub layout to folder `path` (replaced if it exists), bf16 or fp32.
+
+    Files: config.json, generation_config.json, model.safetensors and (unless tokenizer is None) the
+    tokenizer files. On a tied model whose head has an adapter the export is untied
+    (`tie_word_embeddings: false`, its own `lm_head.weight` = embedding + delta); otherwise a tied
+    model stays tied and `lm_head.weight` is omitted, as in hub checkpoints.
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"export dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+    config = model.config
+    head = getattr(model, HEAD, None)
+    tied = bool(config.tie_word_embeddings)
+    untie = tied and isinstance(head, LoRALinear)
+    state = merged_state_dict(model, dtype)
+    if tied and not untie:
+        state.pop(f"{HEAD}.weight", None)
+    state = {k: v.contiguous() for k, v in state.items()}
+    out_config = dataclasses.replace(config, tie_word_embeddings=tied and not untie, torch_dtype=_dtype_name(dtype))
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(config, k, None) is not None}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(out_config.to_dict(), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
