@@ -158,7 +158,10 @@ def keyed(path: str, records: list, text_fields: tuple[str, ...], what: str) -> 
         field = next((f for f in text_fields if f in r), None)
         if field is None:
             raise ValueError(f"{where}: no {' or '.join(text_fields)} field")
-        key = (canonical_task(r["task"]), r["setting"], int(r["index"]))
+        try:   # an unknown task or a non-integer index: a located error (a null index raised TypeError: traceback)
+            key = (canonical_task(r["task"]), r["setting"], int(r["index"]))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
         if key in out:
             raise ValueError(f"{where}: a second {what} for task {key[0]}, setting {key[1]}, index {key[2]}")
         out[key] = r[field]
@@ -176,9 +179,17 @@ def read_predictions(args) -> dict[tuple, object]:
         if len(args.task_list) != 1 or len(args.setting_list) != 1:
             raise ValueError(f"{args.predictions} is a plain list of outputs (eCeLLM's format): name its one task "
                              "and setting with --tasks and --settings")
+        args.outside_selection = Counter()
         return {(args.task_list[0], args.setting_list[0], i): r for i, r in enumerate(records)}
     preds = keyed(args.predictions, records, ("prediction", "output"), "prediction")
-    return {k: v for k, v in preds.items() if k[0] in args.task_list and k[1] in args.setting_list}
+    unknown = sorted({setting for _, setting, _ in preds if setting not in SETTINGS})
+    if unknown:
+        raise ValueError(f"{args.predictions}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(SETTINGS)}")
+    selected = {k: v for k, v in preds.items() if k[0] in args.task_list and k[1] in args.setting_list}
+    # counted in metrics.json "skipped", so nothing the file holds disappears unreported
+    args.outside_selection = Counter(key[:2] for key in preds if key not in selected)
+    return selected
 
 
 def read_qpr_labels(path: str | None) -> list[list[str]]:
@@ -303,7 +314,8 @@ def join_gold(args, predictions: dict[tuple, object]) -> tuple[list[dict], dict]
                          f"(tasks {args.tasks}, settings {','.join(args.setting_list)}, split {args.split})")
     predicted = Counter((r["task"], r["setting"]) for r in records) + no_row
     without_prediction = {b: n - predicted[b] for b, n in gold_blocks.items() if n > predicted[b]}
-    skipped = {"no_gold_for_task_setting": no_block, "no_gold_for_index": no_row,
+    skipped = {"outside_selected_tasks_settings": args.outside_selection, "no_gold_for_task_setting": no_block,
+               "no_gold_for_index": no_row,
                "gold_without_prediction": Counter(without_prediction), "gold_source": source}
     return records, skipped
 
@@ -511,6 +523,10 @@ def main(argv=None) -> int:
     command = "python evaluate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.time()
     skipped = None
+    if args.adapter:   # a bad adapter folder fails now, not after the base model has loaded
+        from lora import read_adapter_config
+
+        read_adapter_config(args.adapter)
     if args.predictions:
         records, skipped = join_gold(args, read_predictions(args))
         records = limit_rows(records, args.limit)

@@ -112,6 +112,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
         if quantize == "nf4" and _leaf(name) != HEAD:
             base = quantize_nf4(linear, compute_dtype)
         new = LoRALinear(base, r, alpha, dropout, lora_dtype, tied=seen[id(linear.weight)] > 1) if targeted else base
+        new.train(linear.training)  # a new module starts in training mode: keep the replaced layer's mode
         setattr(parent, _leaf(name), new)
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, quantize=quantize)
     return model

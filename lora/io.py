@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .apply import HEAD, apply_lora, lora_layers
+from .apply import HEAD, apply_lora, lora_layers, resolve_targets
 from .layer import LoRALinear
 from .nf4 import dequantize_nf4, is_nf4
 
@@ -130,6 +130,13 @@ def read_adapter_config(path) -> dict:
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{file}: target_modules must be a non-empty list of module names, got {targets!r}")
     cfg["target_modules"] = targets
+    r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"{file}: r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"{file}: lora_alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{file}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     return cfg
 
 
@@ -153,12 +160,17 @@ def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.M
 
     A model without LoRA gets it first: apply_lora with the file's r, lora_alpha, lora_dropout and
     target_modules, and `quantize`. Then every tensor name and shape is checked both ways against the
-    model before anything is copied (the error names the tensor and both shapes).
+    model before anything is copied (the error names the tensor and both shapes). The copy of the head's
+    weight that peft saves beside a head adapter (`lm_head.base_layer.weight`) must equal the model's.
     """
     cfg = read_adapter_config(path)
     tensors = read_adapter_weights(path)
     layers = lora_layers(model)
     if not layers:
+        try:
+            resolve_targets(model, cfg["target_modules"])
+        except ValueError as e:
+            raise ValueError(f"{Path(path) / CONFIG_NAME}: target_modules: {e}") from None
         apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
                    targets=cfg["target_modules"], quantize=quantize)
         layers = lora_layers(model)
@@ -171,6 +183,16 @@ def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.M
         raise RuntimeError("the model's adapters are merged: call unmerge_lora(model) before loading an adapter")
     own = {k: v for k, v in lora_state_dict(model).items()}
     file = Path(path) / WEIGHTS_NAME
+    head_copy = f"{PREFIX}{HEAD}.base_layer.weight"
+    if head_copy in tensors and HEAD in layers:
+        # peft saves the head's whole weight beside a head adapter (save_embedding_layers="auto"):
+        # accepted only when it is this model's head weight (compared in the lower of the two precisions)
+        saved, w = tensors.pop(head_copy), layers[HEAD].base_weight()
+        low = saved.dtype if saved.element_size() < w.element_size() else w.dtype
+        if saved.shape != w.shape or not torch.equal(saved.to(low), w.to(low)):
+            raise ValueError(f"{file}: tensor {head_copy} (shape {tuple(saved.shape)}) is a copy of the output head's "
+                             f"weight that differs from this model's lm_head weight (shape {tuple(w.shape)}): the "
+                             "adapter was saved for another base model")
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:

