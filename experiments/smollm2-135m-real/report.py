@@ -19,7 +19,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 from metrics import ABBREV, TASKS, evaluate_task  # noqa: E402
 from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_IND, PAPER_OOD  # noqa: E402
@@ -102,7 +103,11 @@ def main() -> None:
               "train/val_log.jsonl": "val_log.jsonl", "train/config.json": "train_config.json",
               "zero-shot/metrics.json": "zero-shot_metrics.json", "finetuned/metrics.json": "finetuned_metrics.json"}
     for source, target in copies.items():
-        shutil.copyfile(args.work / source, args.out / target)
+        if target.endswith(".png"):
+            shutil.copyfile(args.work / source, args.out / target)
+        else:   # paths inside the checkout written relative to it, so the report names no machine's folders
+            text = (args.work / source).read_text()
+            (args.out / target).write_text(text.replace(str(ROOT) + "/", ""))
     print(f"wrote {args.out / 'tables.md'} and copies of the run's logs and metrics")
 
 
