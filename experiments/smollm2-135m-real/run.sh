@@ -6,12 +6,17 @@
 #
 # PATH/TO/ecinstruct holds test_rows_dev.jsonl, ave_train_100.jsonl (real ECInstruct rows).
 # WORKDIR (default runs/smollm2-135m-real) receives rows.jsonl, zero-shot/, train/, finetuned/.
+# LR and EPOCHS (environment; default 1e-4 and 2) change the recipe; REPORT (default this folder)
+# is where report.py writes the tables and copies of the logs.
 # Takes about an hour on 2 CPU cores; each step is skipped when its output is already there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED=${1:?usage: run.sh PATH/TO/ecinstruct [WORKDIR]}
 WORK=${2:-runs/smollm2-135m-real}
 PY=${PY:-.venv/bin/python}
+LR=${LR:-1e-4}
+EPOCHS=${EPOCHS:-2}
+REPORT=${REPORT:-experiments/smollm2-135m-real}
 GGUF=$($PY -c "from model.gguf import packaged_smollm2; print(packaged_smollm2())")
 SETTINGS=IND_Diverse_Instruction,IND_Single_Instruction,IND_Unseen_Instruction,OOD_Diverse_Instruction
 # Answers are one letter, yes/no or one option's text; AVE's JSON list keeps the paper's 100.
@@ -28,7 +33,7 @@ $PY experiments/smollm2-135m-real/make_split.py --shared "$SHARED" --out "$WORK"
 # instead of 128 (105 steps an epoch instead of 13), 2 epochs instead of 3 (the CPU time budget).
 [ -f "$WORK/train/adapter/adapter_model.safetensors" ] || \
   $PY train.py --model "$GGUF" --dataset "$WORK/rows.jsonl" --tasks all --setting IND_Diverse_Instruction \
-    --quant nf4 --dtype bf16 --batch-size 16 --epochs 2 --micro-batch-tokens 2048 --val-size 1000 \
+    --quant nf4 --dtype bf16 --batch-size 16 --epochs "$EPOCHS" --lr "$LR" --micro-batch-tokens 2048 --val-size 1000 \
     --eval-every 35 --save-every 35 --seed 0 --no-progress --log-every 5 --out "$WORK/train" --resume auto
 
 # The adapter with the lowest validation loss, on the NF4 base it was trained on, merged for generation.
@@ -37,4 +42,5 @@ $PY experiments/smollm2-135m-real/make_split.py --shared "$SHARED" --out "$WORK"
     --model-name "SmolLM2-135M-Instruct + QLoRA (ours)" --dataset "$WORK/rows.jsonl" \
     --settings "$SETTINGS" --max-new-tokens "$MAX_NEW" --out "$WORK/finetuned"
 
-$PY experiments/smollm2-135m-real/report.py --work "$WORK" --out experiments/smollm2-135m-real
+mkdir -p "$REPORT"
+$PY experiments/smollm2-135m-real/report.py --work "$WORK" --out "$REPORT"
