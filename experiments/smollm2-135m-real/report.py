@@ -1,5 +1,5 @@
 """Tables of the SmolLM2-135M experiment from the files run.sh wrote: zero-shot against fine-tuned,
-both metric modes, invalid counts, majority-class baselines and the study's SmolLM2-360M-EC row.
+both metric modes, invalid counts, constant-answer baselines and the study's SmolLM2-360M-EC row.
 
     python experiments/smollm2-135m-real/report.py --work runs/smollm2-135m-real --out experiments/smollm2-135m-real
 
@@ -8,6 +8,7 @@ zero-shot_metrics.json, finetuned_metrics.json (copies of the run's files, so th
 
 Majority-class baseline of a task: the gold answer most frequent among the *training* rows of that task,
 given as the prediction for every evaluation row (AVE: every target attribute answered "None").
+For the yes/no tasks (PM, PSI) the always-"yes" answer is shown too: F1 of "yes" makes it the stronger one.
 """
 
 from __future__ import annotations
@@ -41,23 +42,31 @@ def null_attributes(row: dict) -> str:
     return json.dumps([{"attribute": n, "value": "None", "source": "None"} for n in names])
 
 
-def majority_scores(rows: list[dict]) -> tuple[dict, dict]:
-    """{(task, setting): score} of the majority answer, and {task: the answer} (train rows decide it)."""
+def constant_scores(rows: list[dict]) -> tuple[dict, dict, dict]:
+    """Scores of answers that ignore the row: ({(task, setting): majority score}, {task: the majority
+    answer} (train rows decide it), {(task, setting): always-"yes" score} for the yes/no tasks).
+
+    PM and PSI are scored by F1 of "yes", where always answering "no" scores 0 and always answering
+    "yes" scores 2p / (1 + p) with p the share of "yes": the stronger constant answer there.
+    """
     answers = {}
     for task in TASKS:
         outputs = [r["output"] for r in rows if r["task"] == task and r["split"] == "train"]
         if outputs and task != AVE:
             answers[task] = Counter(outputs).most_common(1)[0][0]
-    scores = {}
+    majority, always_yes = {}, {}
     for task in TASKS:
         for setting in SETTINGS:
             block = [r for r in rows if r["task"] == task and r["setting"] == setting and r["split"] == "test"]
             if not block:
                 continue
+            gold = [r["output"] for r in block]
             predictions = [null_attributes(r) if task == AVE else answers[task] for r in block]
-            scores[task, setting] = evaluate_task(task, predictions, [r["output"] for r in block], setting=setting)["score"]
+            majority[task, setting] = evaluate_task(task, predictions, gold, setting=setting)["score"]
+            if set(gold) <= {"yes", "no"}:
+                always_yes[task, setting] = evaluate_task(task, ["yes"] * len(block), gold, setting=setting)["score"]
     answers[AVE] = '"None" for every target attribute'
-    return scores, answers
+    return majority, answers, always_yes
 
 
 def published(task: str, setting: str) -> str:
@@ -72,18 +81,19 @@ def cell(block: dict, mode: str) -> str:
     return f"{block[mode]['score']:.3f}"
 
 
-def render(zero: dict, tuned: dict, majority: dict, answers: dict) -> str:
-    lines = ["| task | setting | metric | majority | zero-shot paper | zero-shot strict | zero-shot invalid | "
+def render(zero: dict, tuned: dict, majority: dict, answers: dict, always_yes: dict) -> str:
+    lines = ["| task | setting | metric | majority | always yes | zero-shot paper | zero-shot strict | zero-shot invalid | "
              "fine-tuned paper | fine-tuned strict | fine-tuned invalid | SmolLM2-360M-EC (study) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task in TASKS:
         for setting in SETTINGS:
             if setting not in tuned.get(task, {}):
                 continue
             z, t = zero[task][setting], tuned[task][setting]
+            yes_cell = f"{always_yes[task, setting]:.3f}" if (task, setting) in always_yes else "–"
             lines.append(f"| {ABBREV[task]} | {setting.replace('_Instruction', '')} | {t['paper']['metric']} | "
-                         f"{majority[task, setting]:.3f} | {cell(z, 'paper')} | {cell(z, 'strict')} | "
-                         f"{z['paper']['n_invalid']}/{z['paper']['n']} | **{cell(t, 'paper')}** | {cell(t, 'strict')} | "
+                         f"{majority[task, setting]:.3f} | {yes_cell} | {cell(z, 'paper')} | {cell(z, 'strict')} | "
+                         f"{z['paper']['n_invalid']}/{z['paper']['n']} | {cell(t, 'paper')} | {cell(t, 'strict')} | "
                          f"{t['paper']['n_invalid']}/{t['paper']['n']} | {published(task, setting)} |")
     lines += ["", "Majority answers (most frequent gold answer among the training rows):", ""]
     lines += [f"- {ABBREV[task]}: {answers[task][:90]}" for task in TASKS if task in answers]
@@ -97,8 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     zero = json.loads((args.work / "zero-shot" / "metrics.json").read_text())
     tuned = json.loads((args.work / "finetuned" / "metrics.json").read_text())
-    majority, answers = majority_scores(read_jsonl(args.work / "rows.jsonl"))
-    (args.out / "tables.md").write_text(render(zero["results"], tuned["results"], majority, answers))
+    majority, answers, always_yes = constant_scores(read_jsonl(args.work / "rows.jsonl"))
+    (args.out / "tables.md").write_text(render(zero["results"], tuned["results"], majority, answers, always_yes))
     copies = {"train/loss_curve.png": "loss_curve.png", "train/train_log.jsonl": "train_log.jsonl",
               "train/val_log.jsonl": "val_log.jsonl", "train/config.json": "train_config.json",
               "zero-shot/metrics.json": "zero-shot_metrics.json", "finetuned/metrics.json": "finetuned_metrics.json"}
