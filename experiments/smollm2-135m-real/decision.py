@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from data.ecinstruct import read_rows  # noqa: E402
 from data.encode import encode_prompt  # noqa: E402
-from lora import load_adapter, merge_lora  # noqa: E402
+from evaluate import load_for_generation  # noqa: E402
 from metrics import ABBREV  # noqa: E402
-from model import load_model  # noqa: E402
 from model.gguf import packaged_smollm2  # noqa: E402
-from report import SETTINGS, read_jsonl  # noqa: E402  (report.py, beside this file)
+from report import SETTINGS  # noqa: E402  (report.py, beside this file)
 
 POSITIVE = {"Product_Matching": "yes", "Product_Substitute_Identification": "yes"}   # else: the majority class
 
@@ -107,12 +107,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args()
 
-    rows = read_jsonl(args.work / "rows.jsonl")
+    rows = read_rows(args.work / "rows.jsonl")
     rows = [r for r in rows if class_of(r["output"]) in ("yes", "no", "A", "B", "C", "D")]   # AVE excluded
-    model, tokenizer = load_model(packaged_smollm2())
-    load_adapter(model, str(args.adapter), quantize="nf4")   # the NF4 base the adapter was trained on
-    merge_lora(model)
-    model.eval()
+    # The model run.sh's evaluate.py scores: the NF4 base the adapter was trained on, adapter merged.
+    model, tokenizer = load_for_generation(argparse.Namespace(
+        model=str(packaged_smollm2()), adapter=str(args.adapter), quant="nf4", device="auto", dtype="auto"))
     context = min(2048, model.config.max_position_embeddings)   # evaluate.py's default --cutoff
     tokens = class_tokens(tokenizer, rows)
 

@@ -23,16 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from data.ecinstruct import read_rows  # noqa: E402
 from metrics import ABBREV, TASKS, evaluate_task  # noqa: E402
 from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_IND, PAPER_OOD  # noqa: E402
 
 SETTINGS = ("IND_Diverse_Instruction", "IND_Single_Instruction", "IND_Unseen_Instruction", "OOD_Diverse_Instruction")
 AVE = "Attribute_Value_Extraction"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def null_attributes(row: dict) -> str:
@@ -107,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     zero = json.loads((args.work / "zero-shot" / "metrics.json").read_text())
     tuned = json.loads((args.work / "finetuned" / "metrics.json").read_text())
-    majority, answers, always_yes = constant_scores(read_jsonl(args.work / "rows.jsonl"))
+    majority, answers, always_yes = constant_scores(read_rows(args.work / "rows.jsonl"))
     (args.out / "tables.md").write_text(render(zero["results"], tuned["results"], majority, answers, always_yes))
     copies = {"train/loss_curve.png": "loss_curve.png", "train/train_log.jsonl": "train_log.jsonl",
               "train/val_log.jsonl": "val_log.jsonl", "train/config.json": "train_config.json",
