@@ -30,7 +30,16 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the normalisation in float32."""
+    """y = w * x / sqrt(mean(x^2) + eps), the normalisation in float32.
+
+    x^2 overflows float32 once |x| passes ~1e19 (a diverging run gets there): mean(x^2) is then inf
+    and the row would come out as all zeros. A row whose largest |x| exceeds 2^50 is therefore first
+    divided by a power of two s near that maximum, and y = (x/s) / sqrt(mean((x/s)^2) + eps/s^2),
+    the same value. Dividing by a power of two is exact and every other row has s = 1, so on normal
+    activations the result is transformers' bit for bit.
+    """
+
+    OVERFLOW_GUARD = 2.0 ** 50   # rows of up to 2^28 elements of this size still sum their squares finitely
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -39,7 +48,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        peak = x32.detach().abs().amax(-1, keepdim=True)                        # (..., 1)
+        scale = torch.where(peak > self.OVERFLOW_GUARD, torch.exp2(torch.floor(torch.log2(peak))), 1.0)
+        x32 = x32 / scale
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps / scale.square())
         return self.weight * x32.to(x.dtype)
 
 
