@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 @dataclass
 class ModelConfig:
     """A Llama `config.json`. Unknown hub keys are ignored; the required ones must be present."""
@@ -85,12 +90,24 @@ class ModelConfig:
              "intermediate_size", "vocab_size", "max_position_embeddings")
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for key in self._INTS:
+        for key in self._INTS + (("head_dim",) if self.head_dim is not None else ()):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config: {key} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for key in ("rms_norm_eps", "rope_theta"):
+            if not _positive_number(getattr(self, key)):
+                raise ValueError(f"config: {key} must be a positive number, got {getattr(self, key)!r}")
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"config: {key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"config: {key} must be a token id (an integer 0 or more)"
+                                 f"{' or a list of them' if key == 'eos_token_id' else ''} or null, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -100,9 +117,20 @@ class ModelConfig:
             raise ValueError(f"config: model_type {self.model_type!r} is not supported; this project runs Llama "
                              "checkpoints (SmolLM, SmolLM2 and Llama 3.x are Llamas)")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ValueError(f"config: rope_scaling must be an object such as {{\"rope_type\": \"llama3\", "
+                                 f"\"factor\": 32.0, ...}} or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"config: rope_scaling type {kind!r} is not supported (llama3, linear or null)")
+            needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                      "linear": ("factor",), "default": ()}[kind]
+            for key in needed:
+                if not _positive_number(self.rope_scaling.get(key)):
+                    raise ValueError(f"config: rope_scaling.{key} must be a positive number for rope_type {kind}, "
+                                     f"got {self.rope_scaling.get(key)!r}")
+            if kind == "llama3" and self.rope_scaling["low_freq_factor"] >= self.rope_scaling["high_freq_factor"]:
+                raise ValueError("config: rope_scaling.low_freq_factor must be below high_freq_factor")
 
     @property
     def n_rep(self) -> int:
@@ -132,9 +160,11 @@ class ModelConfig:
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object")
         return cls.from_dict(values, source=str(path))

@@ -43,40 +43,76 @@ def _hub_name(name: str) -> str:
     return f"{_TOP_NAMES[base]}.{suffix}"
 
 
+def open_gguf(path):
+    """A gguf.GGUFReader over `path`; a file that is not GGUF, or is cut short, is a ValueError naming it."""
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file ({size} bytes that do not start with the bytes 'GGUF')")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:   # the reader fails with IndexError, ValueError ("cannot reshape"), struct errors ...
+        raise ValueError(f"{path}: truncated or damaged GGUF file ({size} bytes; reading it stopped at "
+                         f"{type(e).__name__}: {e}); download it again") from None
+
+
+def gguf_field(reader, path, key: str, kind=None, default=...):
+    """The value of metadata `key`; missing (with no default) or of the wrong kind is a ValueError naming it."""
+    if key not in reader.fields:
+        if default is ...:
+            raise ValueError(f"{path}: GGUF metadata {key} is missing")
+        return default
+    try:
+        value = reader.fields[key].contents()
+        return value if kind is None else kind(value)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: GGUF metadata {key} is not {getattr(kind, '__name__', 'readable')} ({e})") from None
+
+
 def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
-    arch = field("general.architecture")
+    reader = open_gguf(path)
+    field = lambda key, kind=None, default=...: gguf_field(reader, path, key, kind, default)
+    arch = field("general.architecture", default=None)
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (llama)")
-    tokenizer = Tokenizer.from_gguf(reader)
+    tokenizer = Tokenizer.from_gguf(reader, source=path)
     names = {t.name for t in reader.tensors}
-    config = ModelConfig(
-        hidden_size=int(field("llama.embedding_length")), num_hidden_layers=int(field("llama.block_count")),
-        num_attention_heads=int(field("llama.attention.head_count")),
-        num_key_value_heads=int(field("llama.attention.head_count_kv", field("llama.attention.head_count"))),
-        intermediate_size=int(field("llama.feed_forward_length")),
-        vocab_size=int(field("llama.vocab_size", len(field("tokenizer.ggml.tokens")))),
-        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(field("llama.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-        name=str(field("general.name", path)),
-    )
+    try:
+        config = ModelConfig(
+            hidden_size=field("llama.embedding_length", int), num_hidden_layers=field("llama.block_count", int),
+            num_attention_heads=field("llama.attention.head_count", int),
+            num_key_value_heads=field("llama.attention.head_count_kv", int, field("llama.attention.head_count", int)),
+            intermediate_size=field("llama.feed_forward_length", int),
+            vocab_size=field("llama.vocab_size", int, tokenizer.vocab_size),
+            rms_norm_eps=field("llama.attention.layer_norm_rms_epsilon", float),
+            rope_theta=field("llama.rope.freq_base", float, 10000.0),
+            max_position_embeddings=field("llama.context_length", int, 2048),
+            tie_word_embeddings="output.weight" not in names,
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+            name=str(field("general.name", default=path)),
+        )
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: {e}") from None
     state = {}
     for t in reader.tensors:
         # ggml lists shapes innermost first; the dequantized numpy array is (out, in) like torch.
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
-        array = np.asarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-        tensor = torch.from_numpy(array.copy())
-        if t.name.startswith("blk.") and ".attn_q." in t.name:
-            tensor = _unpermute(tensor, config.num_attention_heads)
-        elif t.name.startswith("blk.") and ".attn_k." in t.name:
-            tensor = _unpermute(tensor, config.num_key_value_heads)
-        state[_hub_name(t.name)] = tensor
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            array = np.asarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+            tensor = torch.from_numpy(array.copy())
+            if t.name.startswith("blk.") and ".attn_q." in t.name:
+                tensor = _unpermute(tensor, config.num_attention_heads)
+            elif t.name.startswith("blk.") and ".attn_k." in t.name:
+                tensor = _unpermute(tensor, config.num_key_value_heads)
+            state[_hub_name(t.name)] = tensor
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"{path}: tensor {t.name}: {e}") from None
     return config, state, tokenizer
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -63,6 +63,32 @@ def download(repo_id: str) -> Path:
                            "or set HF_HUB_OFFLINE=1 to use the cache") from None
 
 
+def shard_files(index: Path) -> list[str]:
+    """The shard file names of a model.safetensors.index.json, each checked to be a file in the index's
+    own folder (a name such as ../../elsewhere.safetensors or /abs/path is refused, never read)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{index}: not valid JSON (nested too deeply)") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file name, got "
+                         f"{type(weight_map).__name__ if weight_map is not None else 'none'}")
+    files = set()
+    for tensor, name in weight_map.items():
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if (not parts or len(parts) != 1 or name != parts[0] or parts[0] in (".", "..") or "\\" in name
+                or not name.endswith(".safetensors")):
+            raise ValueError(f"{index}: weight_map[{tensor!r}] = {name!r} is not the name of a .safetensors file in "
+                             "the model folder (only files inside it are read)")
+        if not (index.parent / name).is_file():
+            raise FileNotFoundError(f"{index}: weight_map[{tensor!r}] names {name}, which is not in {index.parent}")
+        files.add(name)
+    return sorted(files)
+
+
 def read_safetensors(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
     from safetensors import SafetensorError
@@ -70,7 +96,7 @@ def read_safetensors(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = shard_files(index)
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

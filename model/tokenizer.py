@@ -34,13 +34,30 @@ _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are speci
 
 def _token_text(value) -> str | None:
     """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON object file of a model folder ({} when it is absent); a broken one is named."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, *, bos_id: int | None, eos_id: int, pad_id: int | None = None,
-                 add_bos: bool = False, stop_ids=(), chat_template: str | None = None):
+                 add_bos: bool = False, stop_ids=(), chat_template: str | None = None, source: str = "the tokenizer"):
         self.tok = tok
+        self.source = source                                   # where the chat template came from (for errors)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = eos_id if pad_id is None else pad_id   # padding is masked by position, so any id works
         self.add_bos = add_bos and bos_id is not None
@@ -73,13 +90,24 @@ class Tokenizer:
         """Render `messages` with the checkpoint's Jinja chat template (jinja2 sandbox, as transformers does)."""
         if not self.chat_template:
             raise ValueError("this checkpoint has no chat template; use the alpaca template instead")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         specials = {name: (self.tok.id_to_token(i) if i is not None else "")
                     for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        except TemplateError as e:   # a syntax error, or something the sandbox refuses to run
+            raise ValueError(f"{self.source}: chat_template cannot be rendered ({type(e).__name__}: {e}); "
+                             "use --template alpaca") from None
+        except RecursionError:
+            raise ValueError(f"{self.source}: chat_template cannot be rendered (it recurses without end); "
+                             "use --template alpaca") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{self.source}: chat_template did not render to text")
+        return text
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -89,9 +117,13 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (only the fast-tokenizer file format is read)")
-        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        read = lambda name: json.loads((path / name).read_text()) if (path / name).is_file() else {}
-        tok_cfg, model_cfg, gen_cfg = read("tokenizer_config.json"), read("config.json"), read("generation_config.json")
+        try:
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:   # the library raises a bare Exception for a file it cannot read
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizer file the tokenizers library can read "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        tok_cfg, model_cfg, gen_cfg = (_read_json_object(path / name) for name in
+                                       ("tokenizer_config.json", "config.json", "generation_config.json"))
 
         def special(name: str, fallback_key: str):
             text = _token_text(tok_cfg.get(name))
@@ -105,7 +137,7 @@ class Tokenizer:
             value = cfg.get("eos_token_id")
             stops += value if isinstance(value, list) else [] if value is None else [value]
         if isinstance(eos_id, list):
-            eos_id = eos_id[0]
+            eos_id = eos_id[0] if eos_id else None
         if eos_id is None:
             raise ValueError(f"{path}: no EOS token in tokenizer_config.json or config.json")
         if "add_bos_token" in tok_cfg:
@@ -115,37 +147,56 @@ class Tokenizer:
             add_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
         template = tok_cfg.get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path / 'tokenizer_config.json'}: chat_template must be a string, got "
+                             f"{type(template).__name__}")
+        for name, value in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id), *(("eos", v) for v in stops)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{path}: the {name} token id {value!r} (from tokenizer_config.json, config.json or "
+                                 "generation_config.json) is not a token id")
         return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
-                   stop_ids=stops, chat_template=template)
+                   stop_ids=stops, chat_template=template, source=str(path / "tokenizer_config.json"))
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
+    def from_gguf(cls, reader, source=None) -> "Tokenizer":
         """Rebuild the byte-level BPE of a GGUF file (a path or a `gguf.GGUFReader`) from its metadata."""
         import gguf
 
+        from .gguf import gguf_field, open_gguf
+
         if not isinstance(reader, gguf.GGUFReader):
-            reader = gguf.GGUFReader(str(reader))
-        field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
-        kind = field("tokenizer.ggml.model")
+            source = reader if source is None else source
+            reader = open_gguf(reader)
+        source = source or "GGUF file"
+        field = lambda key, default=...: gguf_field(reader, source, key, None, default)
+        kind = field("tokenizer.ggml.model", None)
         if kind != "gpt2":
-            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE, 'gpt2', is)")
+            raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE, 'gpt2', is)")
         tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or \
+                not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+            raise ValueError(f"{source}: GGUF metadata tokenizer.ggml.tokens / tokenizer.ggml.merges are not lists "
+                             "of strings ('a b' merges)")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
         vocab = {t: i for i, t in enumerate(tokens)}
         tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
                                      ignore_merges=False))
         pre = field("tokenizer.ggml.pre", "default")
         if pre not in _GGUF_PRE_TOKENIZERS:
-            raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(_GGUF_PRE_TOKENIZERS)})")
+            raise ValueError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
+                             f"({', '.join(_GGUF_PRE_TOKENIZERS)})")
         tok.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)])
-        bos_id, eos_id = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
-        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=field("tokenizer.ggml.padding_token_id"),
+        bos_id, eos_id = field("tokenizer.ggml.bos_token_id", None), field("tokenizer.ggml.eos_token_id")
+        template = field("tokenizer.chat_template", None)
+        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=field("tokenizer.ggml.padding_token_id", None),
                    add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=field("tokenizer.chat_template"))
+                   chat_template=template if isinstance(template, str) else None,
+                   source=f"{source} (tokenizer.chat_template)")
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json in hub layout (readable by transformers too)."""
