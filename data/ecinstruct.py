@@ -42,6 +42,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SETTING = "IND_Diverse_Instruction"   # what eCeLLM trains and validates on
 HUB_FILE = "dataset.json"                      # the single file of NingLab/ECInstruct
 _NULLABLE = {"options", "few_shot_example"}    # str or null; every other field must be a str
+_NOT_BLANK = ("instruction", "output")         # a row without them trains (or scores) nothing
 _MAX_LISTED = 5                                # invalid rows quoted in an error message
 
 
@@ -128,6 +129,14 @@ def check_row(row) -> str | None:
                 return f"field {field!r} must be a string or null, got {_type_name(value)}"
         elif not isinstance(value, str):
             return f"field {field!r} must be a string, got {_type_name(value)}"
+        if isinstance(value, str):
+            bad = lone_surrogate(value)
+            if bad is not None:
+                return (f"field {field!r} holds a lone surrogate ({value[bad]!a} at character {bad}): not valid "
+                        "Unicode text (a broken escape in the file?)")
+    for field in _NOT_BLANK:
+        if not row[field].strip():
+            return f"field {field!r} is empty"
     if _task_or_none(row["task"]) is None:
         return f"field 'task' has unknown task {row['task']!r}; valid: {', '.join(TASKS)}"
     if row["setting"] not in SETTINGS:
@@ -135,6 +144,16 @@ def check_row(row) -> str | None:
     if row["split"] not in SPLITS:
         return f"field 'split' has unknown split {row['split']!r}; valid: {', '.join(SPLITS)}"
     return None
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The position of the first lone UTF-16 surrogate in `text` (JSON's "\\ud800" decodes to one; no
+    UTF-8 writer or tokenizer accepts it), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 # ---- reading files ------------------------------------------------------------------------------
@@ -153,6 +172,9 @@ def _read_jsonl_text(text: str, name: str):
         except json.JSONDecodeError as e:
             failures.append(number)
             yield number, DataError(f"not valid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:
+            failures.append(number)
+            yield number, DataError("not a row: JSON nested too deeply to read")
         if not parsed_any and len(failures) >= 3:
             raise DataError(f"{name}: not a JSON or JSON Lines file (lines {', '.join(map(str, failures))} "
                             "do not parse as JSON)")
@@ -173,6 +195,9 @@ def _read_json(path: Path, name: str):
             yield from _read_jsonl_text(text, name)
             return
         raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:          # one deeply nested value: read line by line to name the row
+        yield from _read_jsonl_text(text, name)
+        return
     if isinstance(data, dict):     # {"data": [...]} or {"train": [...]}: one list of rows inside an object
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -277,7 +302,7 @@ def read_rows(source: str | Path, *, skip_invalid: bool = False) -> list[dict]:
     for number, obj in _read_file(path):
         problem = str(obj) if isinstance(obj, Exception) else check_row(obj)
         if problem is not None:
-            invalid.append(f"{name} row {number}: {problem}")
+            invalid.append((f"{name} row {number}: {problem}", number))
             continue
         row = {field: obj[field] for field in FIELDS}
         row["task"] = canonical_task(row["task"])
@@ -285,13 +310,13 @@ def read_rows(source: str | Path, *, skip_invalid: bool = False) -> list[dict]:
         row["index"] = block_sizes[key]
         block_sizes[key] += 1
         rows.append(row)
-    if invalid and not skip_invalid:
-        listed = "\n  ".join(invalid[:_MAX_LISTED])
-        more = f"\n  ... and {len(invalid) - _MAX_LISTED} more" if len(invalid) > _MAX_LISTED else ""
-        raise DataError(f"{name}: {len(invalid)} invalid row(s) (pass skip_invalid=True / --skip-invalid to drop "
-                        f"them):\n  {listed}{more}")
+    if invalid and not skip_invalid:   # one line: the first invalid row in full, then where the others are
+        others = [str(number) for _, number in invalid[1:]]
+        more = (f"; {len(others)} more invalid row(s): row(s) {', '.join(others[:_MAX_LISTED])}"
+                + (" ..." if len(others) > _MAX_LISTED else "")) if others else ""
+        raise DataError(f"{invalid[0][0]}{more} (pass skip_invalid=True / --skip-invalid to leave invalid rows out)")
     if invalid:
-        print(f"skipped {len(invalid)} invalid rows (first: {invalid[0]})", file=sys.stderr)
+        print(f"skipped {len(invalid)} invalid rows (first: {invalid[0][0]})", file=sys.stderr)
     return rows
 
 

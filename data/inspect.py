@@ -78,14 +78,18 @@ def main(argv=None) -> int:
     parser.add_argument("--example", type=int, default=0, help="which selected row to render (0-based)")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid rows instead of refusing the file")
     args = parser.parse_args(argv)
-
     try:
-        rows = load_rows(args.dataset, split=args.split, tasks=args.tasks, settings=args.setting,
-                         skip_invalid=args.skip_invalid)
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    except (DataError, FileNotFoundError, ValueError) as e:
+        return report(args)
+    except (DataError, FileNotFoundError, ValueError) as e:   # one line naming the file, row or field
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def report(args) -> int:
+    """Print the report of main()'s arguments; bad input raises DataError / ValueError / FileNotFoundError."""
+    rows = load_rows(args.dataset, split=args.split, tasks=args.tasks, settings=args.setting,
+                     skip_invalid=args.skip_invalid)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
 
     print(f"dataset {args.dataset}: split={args.split} tasks={args.tasks} setting={args.setting}")
     print(f"\nrows per task and setting ({len(rows)} in all)")
@@ -144,4 +148,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")   # text that cannot be encoded is shown escaped
     sys.exit(main())
