@@ -84,16 +84,21 @@ def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None 
     """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into folder `path`.
 
     `base_model_name_or_path` defaults to the model's hub id when it has one (never a local path).
-    Other files in the folder (e.g. training_args.json) are left alone.
+    Other files in the folder (e.g. training_args.json) are left alone. An adapter holding nan or inf
+    is refused (ValueError) before anything is written.
     """
     from safetensors.torch import save_file
 
     if not lora_layers(model):
         raise ValueError("the model has no LoRA adapters to save (call apply_lora first)")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = _adapter_config(model, base_model_name_or_path)
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    for key, tensor in tensors.items():   # an adapter that cannot be used is never written
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"refusing to write the adapter to {path}: tensor {key} holds "
+                             f"{int((~torch.isfinite(tensor)).sum())} non-finite value(s) (nan or inf)")
+    path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
@@ -104,9 +109,11 @@ def read_adapter_config(path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        cfg = json.loads(file.read_text())
+        cfg = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: not valid JSON (nested too deeply)") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{file}: expected a JSON object")
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
@@ -162,6 +169,7 @@ def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.M
     target_modules, and `quantize`. Then every tensor name and shape is checked both ways against the
     model before anything is copied (the error names the tensor and both shapes). The copy of the head's
     weight that peft saves beside a head adapter (`lm_head.base_layer.weight`) must equal the model's.
+    A tensor holding nan or inf is refused (save_adapter never writes one).
     """
     cfg = read_adapter_config(path)
     tensors = read_adapter_weights(path)
@@ -208,6 +216,10 @@ def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.M
                              f"expects {tuple(param.shape)}: the adapter was saved for another base model")
         if not tensors[key].is_floating_point():
             raise ValueError(f"{file}: tensor {key} has dtype {tensors[key].dtype}; a floating-point tensor is expected")
+        bad = int((~torch.isfinite(tensors[key])).sum())
+        if bad:   # one nan in B makes every logit nan
+            raise ValueError(f"{file}: tensor {key} holds {bad} non-finite value(s) (nan or inf): the adapter is "
+                             "damaged (saved from a diverged run?)")
     for key, param in own.items():
         param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
     return model
