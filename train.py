@@ -25,7 +25,12 @@ What one optimizer step does (the loop below spells it out):
 The loss never builds the full (B, T, vocab) float32 logits: hidden states at supervised positions
 only go through lm_head in chunks, each under activation checkpointing.
 
-Output folder (--out):
+Output folder (--out): one run at a time. A run holds an flock on .train.lock for as long as it
+lives (the kernel drops it when the process dies, so a killed run never leaves the folder stuck); a
+second train.py on the folder, fresh, resumed or overwriting, is refused with one line naming the
+live run. --overwrite deletes only what a run writes (the names below) and only in a folder that
+carries train_run.json, the marker train.py writes there: never a model folder's config.json.
+  train_run.json           the marker: this folder is a train.py run; lists the names a run writes
   config.json              the resolved configuration (a resumed run must match it, see MUST_MATCH)
   train_log.jsonl          one JSON object per optimizer step: step, epoch, loss, lr, grad_norm,
                            tokens, supervised_tokens, tokens_per_s, peak_mem_gb, time
@@ -38,8 +43,16 @@ Output folder (--out):
   adapter/                 the adapter after the last step
   loss_curve.png           when matplotlib is installed
 
-Exit codes: 0 done; 1 the run failed (non-finite loss, out of memory, unreadable data); 2 bad flags
-or a refused output folder; 130 interrupted (Ctrl-C or SIGTERM: a checkpoint is written first).
+Divergence stops the run like a NaN does, before the update: a non-finite loss or gradient, an
+update that overflows or leaves a non-finite weight, a gradient of exactly zero (the model has
+collapsed: at loss ln(vocab) it predicts every token alike), or a loss above --diverge-factor times
+its start (the mean of the first 10 normal losses) for --diverge-steps steps in a row. The message
+names the last good checkpoint (one whose weights gave a normal loss); later checkpoints are renamed
+checkpoints/diverged-step-NNNNNN, so --resume auto (with a lower --lr) continues from the good one.
+
+Exit codes: 0 done; 1 the run failed (divergence, out of memory, a model that cannot be loaded); 2
+bad flags, bad data, or a refused or busy output folder; 130 interrupted (Ctrl-C or SIGTERM: a
+checkpoint is written first).
 
 Test hook: SLM_EC_TEST_SLOW_SAVE="STEP:SECONDS" makes the checkpoint of step STEP pause SECONDS
 after its adapter is written (tests kill the process there to show a half-written checkpoint is
@@ -49,6 +62,7 @@ never used). It does nothing unless set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -71,6 +85,7 @@ from data import SETTINGS, DataError, collate, parse_tasks, plan_epoch, read_row
 from data.batching import padding_stats
 from metrics.tasks import ABBREV
 from model import PRESETS, Tokenizer, count_parameters, load_model
+from outdir import FolderBusy, FolderLock
 
 IGNORE_INDEX = -100
 FORMAT = 1                      # checkpoint layout version (state.pt "format")
@@ -80,8 +95,11 @@ MUST_MATCH = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "dataset
               "template", "train_on_inputs", "max_train_rows", "batch_size", "seed")
 # Flags a resumed run may change (e.g. a lower --lr after a NaN): the change is printed.
 MAY_CHANGE = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_dropout", "dtype",
-              "val_size", "micro_batch_tokens")
+              "val_size", "micro_batch_tokens", "diverge_factor", "diverge_steps")
 RUN_FILES = ("config.json", "train_log.jsonl", "val_log.jsonl", "loss_curve.png", "checkpoints", "adapter", "best")
+RUN_MARKER = "train_run.json"   # written by train.py into every run folder; --overwrite needs it
+LOCK_NAME = ".train.lock"       # flock-ed for the whole run
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slm-ec" / "data"
 
 
 def fail(message: str, code: int = 1):
@@ -140,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--max-train-rows", type=int, default=None,
                    help="train on a seeded random subset of this many rows (quick runs)")
-    g.add_argument("--cache-dir", default=".cache/data", help="tokenized-data cache; '' to turn it off "
-                                                              "(default: %(default)s)")
+    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+                   help="tokenized-data cache; '' to turn it off (default: $XDG_CACHE_HOME/slm-ec/data, "
+                        "that is %(default)s)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
@@ -161,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="seeds LoRA init, dropout, data order and the val subset "
                                                         "(default: %(default)s)")
+    g.add_argument("--diverge-factor", type=float, default=3.0,
+                   help="stop when the loss stays above this many times its start (the mean of the first 10 "
+                        "steps) for --diverge-steps steps in a row; 0: never (default: %(default)s)")
+    g.add_argument("--diverge-steps", type=int, default=10,
+                   help="consecutive steps of a loss above --diverge-factor times its start that stop the run "
+                        "(default: %(default)s)")
     g.add_argument("--loss-chunk-tokens", type=int, default=2048,
                    help="supervised positions per lm_head + cross-entropy chunk (memory, not maths) "
                         "(default: %(default)s)")
@@ -211,6 +236,9 @@ def check_args(args, parser) -> None:
         (args.max_train_rows is None or args.max_train_rows >= 1,
          f"--max-train-rows must be at least 1 (got {args.max_train_rows})"),
         (args.loss_chunk_tokens >= 1, f"--loss-chunk-tokens must be at least 1 (got {args.loss_chunk_tokens})"),
+        (args.diverge_factor == 0 or (args.diverge_factor > 1 and math.isfinite(args.diverge_factor)),
+         f"--diverge-factor must be 0 (off) or a number above 1 (got {args.diverge_factor})"),
+        (args.diverge_steps >= 1, f"--diverge-steps must be at least 1 (got {args.diverge_steps})"),
         (args.save_every >= 1, f"--save-every must be at least 1 (got {args.save_every})"),
         (args.keep_last >= 1, f"--keep-last must be at least 1 (got {args.keep_last})"),
         (args.eval_every is None or args.eval_every >= 1, f"--eval-every must be at least 1 (got {args.eval_every})"),
@@ -242,11 +270,15 @@ def check_args(args, parser) -> None:
 
 
 def model_slug(model: str) -> str:
-    """runs/<slug>: the alias, the hub name, or the file/folder name."""
+    """runs/<slug>: the alias, the hub name, or the file/folder name (of the resolved path, so that
+    `--model ..` names the folder it points to and never makes runs/.. the current directory)."""
     if model in PRESETS:
         return model
-    name = Path(model.rstrip("/")).name
-    return (name[:-5] if name.endswith(".gguf") else name).lower() or "run"
+    path = Path(model).expanduser()
+    name = (path.resolve() if path.exists() else Path(model.rstrip("/"))).name
+    name = name[:-5] if name.endswith(".gguf") else name
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip(".").lower()
+    return name or "run"
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -321,6 +353,69 @@ def validation_loss(model, val, micro_batches, val_sup, *, pad_id, device, rank,
     model.train(was_training)
     loss_sum, tokens = both.tolist()
     return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+class DivergenceWatch:
+    """Decides after each step's loss and gradient norm, before the update, whether training diverged.
+
+    A step is abnormal when its loss or gradient norm is not finite, when its gradient is exactly
+    zero (nothing can move any more; at loss ln(vocab) the model predicts every token alike, what an
+    overflowed hidden state gives), or when its loss is above `factor` times the start (the mean of
+    the first START_STEPS normal losses of the run). `check` returns the reason to stop, or None:
+    at once for the first two, after `patience` abnormal steps in a row for the third.
+
+    The loss of step s is computed with the weights after s - 1 updates, the ones checkpoint
+    step-(s-1) holds; `suspect_from` is the first checkpoint step whose weights gave an abnormal loss
+    in the current run of abnormal steps (None when the last step was normal).
+    """
+
+    START_STEPS = 10
+
+    def __init__(self, factor: float, patience: int, vocab_size: int, state: dict | None = None):
+        self.factor, self.patience, self.ln_vocab = factor, patience, math.log(vocab_size)
+        state = state or {}
+        self.start: list[float] = list(state.get("start", []))
+        self.abnormal_since: int | None = state.get("abnormal_since")
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run judges divergence as the uninterrupted one."""
+        return {"start": list(self.start), "abnormal_since": self.abnormal_since}
+
+    @property
+    def suspect_from(self) -> int | None:
+        return None if self.abnormal_since is None else self.abnormal_since - 1
+
+    def check(self, step: int, loss: float, grad_norm: float) -> str | None:
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        start = sum(self.start) / len(self.start) if self.start else None
+        far = finite and bool(self.factor) and start is not None and loss > self.factor * start
+        zero = finite and grad_norm == 0.0
+        if finite and not far and not zero:
+            self.abnormal_since = None
+            if len(self.start) < self.START_STEPS:
+                self.start.append(loss)
+            return None
+        if self.abnormal_since is None:
+            self.abnormal_since = step
+        if not finite:
+            return f"the loss is {loss} (gradient norm {grad_norm})"
+        if zero:
+            uniform = abs(loss - self.ln_vocab) < 1e-3 * self.ln_vocab
+            return (f"the gradient is exactly zero at loss {loss:.4f}" +
+                    (f" = ln(vocab size) = {self.ln_vocab:.4f}: the model predicts every token alike (its hidden "
+                     "state collapsed)" if uniform else ": nothing reaches the adapter any more"))
+        run = step - self.abnormal_since + 1
+        if run >= self.patience:
+            return (f"the loss has been above {self.factor:g} x its start ({start:.4f}) for {run} steps in a row "
+                    f"(now {loss:.6g}; --diverge-factor {self.factor:g}, --diverge-steps {self.patience})")
+        return None
+
+
+def weights_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the trainable weights together: inf or nan when any weight is not finite
+    (or the weights have grown past what float32 holds)."""
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 # ---- files ------------------------------------------------------------------------------------------
@@ -423,8 +518,9 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, *, model, base_name: str, train_state: dict, config: dict,
-                    keep_last: int) -> Path:
-    """checkpoints/step-NNNNNN, written under .tmp-step-NNNNNN and renamed when complete; then prune."""
+                    keep_last: int, keep_also: Path | None = None) -> Path:
+    """checkpoints/step-NNNNNN, written under .tmp-step-NNNNNN and renamed when complete; then prune
+    all but the last `keep_last` (and `keep_also`: the last good one while the loss looks abnormal)."""
     from lora import save_adapter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -442,8 +538,51 @@ def save_checkpoint(root: Path, step: int, *, model, base_name: str, train_state
     fsync_tree(tmp)
     replace_dir(tmp, final)
     for old in list_checkpoints(root)[:-keep_last]:  # only once the new one is complete
-        shutil.rmtree(old)
+        if old != keep_also:
+            shutil.rmtree(old)
     return final
+
+
+def set_aside_checkpoints(root: Path, from_step: int | None) -> tuple[Path | None, list[Path]]:
+    """After a divergence: rename the checkpoints of steps >= from_step to diverged-step-NNNNNN (so that
+    --resume auto skips them) and return (the newest remaining checkpoint, the renamed ones)."""
+    saved = list_checkpoints(root)
+    bad = [p for p in saved if from_step is not None and int(p.name[5:]) >= from_step]
+    moved = []
+    for p in bad:
+        target = p.with_name(f"diverged-{p.name}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(p, target)
+        moved.append(target)
+    good = [p for p in saved if p not in bad]
+    return (good[-1] if good else None), moved
+
+
+def is_train_config(path: Path) -> bool:
+    """A config.json that train.py wrote (a run from before run markers existed), not a model's."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("args"), dict) and "format" in cfg and "model_id" in cfg
+
+
+def run_leftovers(out: Path) -> list[Path]:
+    """What a run writes into `out`: RUN_FILES and the temporary names it writes them under."""
+    names = set(RUN_FILES)
+    for name in RUN_FILES:
+        names |= {f".tmp-{name}", f".old-{name}", f".{name}.tmp"}
+    return sorted(p for p in (out / n for n in names) if p.exists() or p.is_symlink())
+
+
+def remove_run_files(out: Path) -> list[str]:
+    """--overwrite: delete what a run writes, nothing else (the marker and the lock stay)."""
+    removed = []
+    for p in run_leftovers(out):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        removed.append(p.name)
+    return removed
 
 
 def load_checkpoint(folder: Path) -> dict:
@@ -528,18 +667,23 @@ def plot_losses(out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss_curve.png", dpi=120)
+    tmp = out / ".loss_curve.png.tmp"
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, out / "loss_curve.png")   # a kill while drawing leaves no torn picture
     return out / "loss_curve.png"
 
 
 def load_tokenizer_only(source: str) -> Tokenizer:
     """The tokenizer of a model source without its weights (for --dry-run)."""
     path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        return Tokenizer.from_gguf(path)
-    if path.is_dir():
-        return Tokenizer.from_dir(path)
+    try:
+        if source.endswith(".gguf"):
+            return Tokenizer.from_gguf(path)
+        if path.is_dir():
+            return Tokenizer.from_dir(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not read the tokenizer of {source}: {e}", 2)
     repo = PRESETS[source][0] if source in PRESETS else source
     try:
         from huggingface_hub import snapshot_download
@@ -548,7 +692,10 @@ def load_tokenizer_only(source: str) -> Tokenizer:
     except Exception as e:  # offline, gated, not found: one line, the library's reason
         fail(f"could not get the tokenizer of {repo} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              "pass a local folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the cache")
-    return Tokenizer.from_dir(folder)
+    try:
+        return Tokenizer.from_dir(folder)
+    except (OSError, ValueError) as e:
+        fail(f"could not read the tokenizer of {repo}: {e}", 2)
 
 
 def describe_data(train_rows, train, val_rows, val, steps_per_epoch, total_steps, warmup, args, tokenizer) -> str:
@@ -588,6 +735,12 @@ def describe_data(train_rows, train, val_rows, val, steps_per_epoch, total_steps
 # ---- the run ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: run(), with the output folder's lock released however it ends."""
+    with contextlib.ExitStack() as held:
+        return run(argv, held)
+
+
+def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
@@ -615,16 +768,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config, indent=2))
         return 0
 
-    # The output folder: a folder holding a run is only continued (--resume) or replaced (--overwrite).
+    # The output folder: one live run at a time (the lock, held until main returns); a folder holding a
+    # run is only continued (--resume) or replaced (--overwrite, only where train.py left its marker).
     if not args.dry_run:
+        if rank == 0:
+            try:
+                held.enter_context(FolderLock(out, "train.py", LOCK_NAME))
+            except FolderBusy as e:
+                fail(str(e), 2)
+            except OSError as e:
+                fail(f"--out {out}: cannot write there ({e.strerror or e})", 2)
+        found = [p.name + ("/" if p.is_dir() else "") for p in run_leftovers(out)]
+        if found and not (out / RUN_MARKER).is_file():
+            legacy = is_train_config(out / "config.json")
+            if not (legacy and args.resume):
+                fail(f"{out} holds {', '.join(found)} but no {RUN_MARKER}, so train.py did not write it"
+                     + (" (a run from before run markers: continue it with --resume auto, or delete it yourself)"
+                        if legacy else " (a model folder?): pass another --out; --overwrite deletes only folders "
+                                       "train.py wrote"), 2)
         holds_run = (out / "config.json").is_file() or bool(list_checkpoints(out / "checkpoints"))
-        if holds_run and args.overwrite:
-            if rank == 0:
-                say(f"--overwrite: removing the run files in {out}")
-                for name in RUN_FILES:
-                    p = out / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        elif holds_run and not args.resume:
+        if holds_run and not args.resume and not args.overwrite:
             fail(f"{out} already holds a run; pass --resume auto to continue it, --overwrite to start again, or "
                  "another --out", 2)
         if args.resume == "auto" and (out / "config.json").is_file():  # flags now, the data once it is read
@@ -742,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- where to start: fresh, or exactly where a checkpoint left off ------------------------------------
     step, epoch, pos = 0, 0, 0
     best_val, best_step, elapsed = None, None, 0.0
+    watch = DivergenceWatch(args.diverge_factor, args.diverge_steps, model.config.vocab_size)
     resumed_from = None
     for folder in resume_from:
         try:
@@ -753,6 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, pos = state["step"], state["epoch"], state["step_in_epoch"]
         best_val, best_step, elapsed = state["best_val_loss"], state["best_step"], state["elapsed_s"]
+        watch = DivergenceWatch(args.diverge_factor, args.diverge_steps, model.config.vocab_size,
+                                state.get("divergence"))
         rngs = state["rng"]
         if len(rngs) != world:
             say(f"note: the checkpoint was written by {len(rngs)} process(es), this run has {world}: the data "
@@ -764,6 +930,16 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"no checkpoint under {resume_from[0].parent} could be loaded")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:   # only now, once the model and the data have loaded: a failed start deletes nothing
+            removed = remove_run_files(out)
+            if removed:
+                say(f"--overwrite: removed {', '.join(removed)} from {out}")
+        if not (out / RUN_MARKER).is_file():
+            write_json(out / RUN_MARKER, {
+                "written_by": "slm-ec train.py", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "run_files": list(RUN_FILES),
+                "note": "this folder holds a train.py run; --overwrite deletes the run files (and their "
+                        ".tmp-/.old- forms) here, and nothing else"})
         write_json(out / "config.json", config)
         for name in ("train_log.jsonl", "val_log.jsonl"):
             if resumed_from is not None:
@@ -790,14 +966,16 @@ def main(argv: list[str] | None = None) -> int:
                 "scheduler": {"kind": "cosine", "lr": args.lr, "warmup_steps": warmup, "total_steps": total_steps,
                               "last_lr": lr_at(max(step - 1, 0), lr=args.lr, warmup=warmup, total=total_steps)},
                 "rng": rngs, "best_val_loss": best_val, "best_step": best_step, "elapsed_s": elapsed,
-                "world_size": world}
+                "world_size": world, "divergence": watch.state()}
 
     def checkpoint_now() -> Path | None:
         state = train_state()  # every rank takes part (RNG gather)
         path = None
         if rank == 0:
+            suspect = watch.suspect_from   # while the loss looks abnormal, the last good checkpoint is never pruned
+            good = [p for p in list_checkpoints(out / "checkpoints") if int(p.name[5:]) < suspect] if suspect else []
             path = save_checkpoint(out / "checkpoints", step, model=model, base_name=base_name, train_state=state,
-                                   config=config, keep_last=args.keep_last)
+                                   config=config, keep_last=args.keep_last, keep_also=good[-1] if good else None)
         if world > 1:
             torch.distributed.barrier()
         return path
@@ -818,6 +996,18 @@ def main(argv: list[str] | None = None) -> int:
             if improved:
                 save_adapter_dir(model, out / "best", base_name, {"best.json": {"step": step, "val_loss": loss}})
         return loss
+
+    def stop_diverged(at_step: int, reason: str, suspect_from: int) -> None:
+        """One line, exit 1; checkpoints whose weights are suspect are set aside, the last good one named."""
+        good, moved = None, []
+        if rank == 0:
+            good, moved = set_aside_checkpoints(out / "checkpoints", suspect_from)
+        aside = (f"; {len(moved)} checkpoint(s) from the divergence on set aside as {out / 'checkpoints'}/diverged-step-*"
+                 if moved else "")
+        fail(f"training diverged at step {at_step}: {reason}. Stopped; nothing from this step is saved{aside}. "
+             + (f"The last good checkpoint is {good}: " if good else "No checkpoint predates the divergence: ")
+             + f"lower --lr (now {args.lr:g}) or check the data, then --resume auto "
+             + ("continues from it" if good else "starts again from step 0"))
 
     # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit 130. A second Ctrl-C stops at once.
     stop = {"asked": False}
@@ -886,14 +1076,21 @@ def main(argv: list[str] | None = None) -> int:
                     offset += p.numel()
                 step_loss, stop["asked"] = flat[offset], bool(flat[offset + 1].item() > 0)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-            loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the one sync
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                saved = list_checkpoints(out / "checkpoints")
-                fail(f"the loss at step {step + 1} is {loss_value} (gradient norm {norm_value}); the update was not "
-                     "applied and no checkpoint of this state is written. "
-                     + (f"The last good checkpoint is {saved[-1]}. " if saved else "")
-                     + f"Try a lower --lr (now {args.lr:g}) or check the data, then --resume auto")
-            optimizer.step()
+            loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # one sync
+            reason = watch.check(step + 1, loss_value, norm_value)
+            if reason is not None:
+                stop_diverged(step + 1, reason, watch.suspect_from)
+            # a failed update: its own weights are never saved; earlier ones are suspect only in a run of abnormal losses
+            suspect = step + 1 if watch.suspect_from is None else watch.suspect_from
+            try:
+                optimizer.step()
+            except RuntimeError as e:   # AdamW's step size itself overflows float32 (--lr 1e38)
+                if "overflow" not in str(e):
+                    raise
+                stop_diverged(step + 1, f"the update overflows float32 ({e})", suspect)
+            if not math.isfinite(weights_norm(params).item()):   # the other sync of the step
+                stop_diverged(step + 1, "the update left adapter weights that are not finite or beyond float32",
+                              suspect)
             optimizer.zero_grad(set_to_none=True)
             if step == 0 and resumed_from is None:  # the adapter must move (a frozen graph would train nothing)
                 moved = any(float(m.lora_B.weight.detach().abs().sum()) > 0 for m in model.modules() if hasattr(m, "lora_B"))
@@ -963,4 +1160,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")   # a path that cannot be encoded is shown escaped
+    sys.stderr.reconfigure(errors="backslashreplace")
     sys.exit(main())

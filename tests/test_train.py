@@ -240,15 +240,21 @@ def test_interrupt_writes_a_checkpoint_and_resume_finishes(tiny_dir, rows_file, 
 # ---- failures, each with a clear message ------------------------------------------------------------
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, rows_file, tmp_path, capsys):
+    """A nan loss at step 3 is computed with the weights of checkpoint 2: that checkpoint is set aside, the
+    run names checkpoint 1, and --resume auto continues from it."""
     out = tmp_path / "run"
     code, err = run_error(base_args(tiny_dir, rows_file, out, "--max-steps", "5", "--save-every", "1",
                                     "--debug-nan-at-step", "3"), capsys)
     assert code == 1
-    assert "loss at step 3 is nan" in err and "--lr" in err and "step-000002" in err
-    assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == ["step-000001", "step-000002"]
+    assert "diverged at step 3: the loss is nan" in err and "--lr" in err and "step-000001" in err
+    assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == ["step-000001"]
+    assert (out / "checkpoints" / "diverged-step-000002" / "state.pt").is_file()
     assert [s for s, _ in losses(out)] == [1, 2] and not (out / "adapter").exists()
-    state = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
     assert all(torch.isfinite(v["exp_avg"]).all() for v in state["optimizer"]["state"].values())
+    assert train.main(base_args(tiny_dir, rows_file, out, "--max-steps", "5", "--save-every", "1",
+                                "--resume", "auto")) == 0
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5]
 
 
 def test_out_of_memory_names_the_flag_to_lower(tiny_dir, rows_file, tmp_path, monkeypatch, capsys):
