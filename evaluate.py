@@ -16,14 +16,22 @@ IND_Diverse_Instruction and OOD_Diverse_Instruction, eCeLLM's Alpaca prompt, gre
 100 new tokens (eCeLLM samples at temperature 0.15; greedy is its inference_merged.py).
 Generation is batched with the KV cache (model/generate.py), rows sorted by length.
 
-Writes to --out:
+Writes to --out, as one set: the four files are written aside and then replace the previous set
+together, so a failed or killed run leaves the previous set whole (the next run on the folder
+finishes a replacement that a kill interrupted). One evaluate.py per --out at a time (a lock).
     predictions.jsonl  one line per row: task, setting, index, prompt_sha256 (of the prompt text),
-                       output (raw), parsed, valid (eCeLLM's format rule), gold, truncated
+                       output (raw; any JSON value when scoring a file: a non-string is invalid),
+                       parsed, valid (eCeLLM's format rule), gold, truncated
     metrics.json       per task and setting, both modes: "paper" (eCeLLM's evaluate.py: invalid
                        outputs dropped) and "strict" (invalid outputs count as wrong); see metrics/
     results.md         this run's scores, then the paper's IND and OOD tables (eCeLLM's baselines and
                        the small-model study) with this run as a new row
     results.png        the same comparison as a bar chart (only when matplotlib is installed)
+    predictions.partial.jsonl  while generating: the rows done so far, saved after each batch. A
+                       run with the same settings (model and adapter files, template, limits,
+                       dtype) resumes from it and generates only the rest; it is removed once the
+                       set is written.
+Text that UTF-8 cannot encode (a lone surrogate in a model output) is written \\u-escaped.
 
 Query_Product_Rank needs eCeLLM's ESCI labels (--qpr-labels qpr_label.json, indexed by test item);
 Answer_Generation needs an F_BERT encoder (--bertscore-model; the paper's is roberta-large, layer 17).
@@ -35,6 +43,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -43,11 +52,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data import SETTINGS, load_rows, parse_settings, parse_split, parse_tasks, render_prompt
+from data.ecinstruct import lone_surrogate
 from data.encode import encode_prompt
 from metrics import ABBREV, TASKS, canonical_task, evaluate_task, parse_output
 from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
+from outdir import FolderLock, finish_pending, replace_together, staging_folder
 
 QPR, AG = "Query_Product_Rank", "Answer_Generation"
+OUTPUTS = ("predictions.jsonl", "metrics.json", "results.md", "results.png")   # the set, replaced together
+PARTIAL = "predictions.partial.jsonl"   # rows generated so far; a rerun with the same settings resumes from it
+LOCK_NAME = ".evaluate.lock"
 IND, OOD = "IND_Diverse_Instruction", "OOD_Diverse_Instruction"
 MODES = ("paper", "strict")
 
@@ -132,11 +146,14 @@ def parse_max_new_tokens(spec: str) -> tuple[int, dict[str, int]]:
 
 def read_json_records(path: str) -> list:
     """A JSON array, or JSON Lines (one value per line)."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file, so not JSON (byte {e.start}: {e.reason})") from None
     try:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -145,7 +162,21 @@ def read_json_records(path: str) -> list:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path} line {number}: not valid JSON (nested too deeply)") from None
     return records
+
+
+def record_key(where: str, r: dict) -> tuple[str, str, int]:
+    """(task, setting, index) of a predictions or gold record, each checked: a located error otherwise."""
+    for field in ("task", "setting"):
+        if not isinstance(r[field], str):
+            raise ValueError(f"{where}: {field} must be a string, got {type(r[field]).__name__} {r[field]!r}")
+    index = r["index"]
+    whole = isinstance(index, int) or (isinstance(index, float) and index.is_integer())
+    if isinstance(index, bool) or not whole or index < 0:   # 1.9 must not be scored as item 1
+        raise ValueError(f"{where}: index must be a whole number 0 or more, got {index!r}")
+    return canonical_task(r["task"]), r["setting"], int(index)
 
 
 def keyed(path: str, records: list, text_fields: tuple[str, ...], what: str) -> dict[tuple, object]:
@@ -158,10 +189,17 @@ def keyed(path: str, records: list, text_fields: tuple[str, ...], what: str) -> 
         field = next((f for f in text_fields if f in r), None)
         if field is None:
             raise ValueError(f"{where}: no {' or '.join(text_fields)} field")
-        try:   # an unknown task or a non-integer index: a located error (a null index raised TypeError: traceback)
-            key = (canonical_task(r["task"]), r["setting"], int(r["index"]))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: {e}") from None
+        try:   # an unknown task, a non-integer index, a setting that is not a string: a located error
+            key = record_key(where, r)
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        if what == "gold output":   # a prediction may be anything (it is scored invalid); a gold answer is text
+            if not isinstance(r[field], str):
+                raise ValueError(f"{where}: {field} must be a string, got {type(r[field]).__name__}")
+            bad = lone_surrogate(r[field])
+            if bad is not None:
+                raise ValueError(f"{where}: {field} holds a lone surrogate ({r[field][bad]!a} at character {bad}): "
+                                 "not valid Unicode text")
         if key in out:
             raise ValueError(f"{where}: a second {what} for task {key[0]}, setting {key[1]}, index {key[2]}")
         out[key] = r[field]
@@ -196,9 +234,17 @@ def read_qpr_labels(path: str | None) -> list[list[str]]:
     if path is None:
         raise ValueError("Query_Product_Rank is scored with eCeLLM's ESCI labels of its test items: pass "
                          "--qpr-labels qpr_label.json (eCeLLM's data_label/label.json), or leave QPR out of --tasks")
-    labels = json.loads(Path(path).read_text())
-    if not isinstance(labels, list) or not all(isinstance(x, list) for x in labels):
-        raise ValueError(f"{path}: expected a JSON list of per-item label lists such as [\"E\", \"I\", \"S\"]")
+    try:
+        labels = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    bad = next((i for i, x in enumerate(labels) if not isinstance(x, list) or not all(isinstance(l, str) for l in x)),
+               None) if isinstance(labels, list) else -1
+    if bad is not None:
+        raise ValueError(f"{path}: expected a JSON list of per-item label lists such as [\"E\", \"I\", \"S\"]"
+                         + (f" (item {bad} is {labels[bad]!r})" if bad >= 0 else ""))
     return labels
 
 
@@ -256,21 +302,104 @@ def generate_records(args, rows: list[dict]) -> list[dict]:
         records.append({"task": row["task"], "setting": row["setting"], "index": row["index"],
                         "prompt_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                         "gold": row["output"], "truncated": truncated})
-    start, n_tokens = time.time(), 0
-    for max_new in sorted(set(limits)):   # one length-sorted pass per new-token limit
-        chosen = [i for i, m in enumerate(limits) if m == max_new]
-        outputs = generate_batched(model, [prompts[i] for i in chosen], batch_size=args.batch_size,
-                                   max_new_tokens=max_new, stop_ids=sorted(tokenizer.stop_ids),
-                                   pad_id=tokenizer.pad_id, progress=True)
-        for i, ids in zip(chosen, outputs):
-            records[i]["output"] = tokenizer.decode(ids, skip_special_tokens=True)
-            n_tokens += len(ids)
+    # Rows an interrupted run with the same settings already generated are taken from its partial file.
+    partial = Path(args.out) / PARTIAL
+    settings = generation_settings(args)
+    done = read_partial(partial, settings)
+    kept = []   # (record, its new tokens)
+    for r in records:
+        key = (r["task"], r["setting"], r["index"], r["prompt_sha256"])
+        if key in done:
+            r["output"], tokens = done[key]
+            kept.append((r, tokens))
+    reused, n_tokens = len(kept), sum(tokens for _, tokens in kept)
+    if reused:
+        print(f"resuming: {reused} of {len(records)} rows are already generated in {partial}", file=sys.stderr)
+    start = time.time()
+    with open_partial(partial, settings, kept) as log:
+        def save(chosen_rows):
+            def on_batch(positions, outputs):
+                for k, ids in zip(positions, outputs):
+                    r = records[chosen_rows[k]]
+                    r["output"] = tokenizer.decode(ids, skip_special_tokens=True)
+                    log.write(json.dumps({key: r[key] for key in ("task", "setting", "index", "prompt_sha256",
+                                                                    "output")} | {"new_tokens": len(ids)}) + "\n")
+                log.flush()
+                os.fsync(log.fileno())   # a kill loses at most the batch being generated
+            return on_batch
+
+        for max_new in sorted(set(limits)):   # one length-sorted pass per new-token limit
+            chosen = [i for i, m in enumerate(limits) if m == max_new and "output" not in records[i]]
+            outputs = generate_batched(model, [prompts[i] for i in chosen], batch_size=args.batch_size,
+                                       max_new_tokens=max_new, stop_ids=sorted(tokenizer.stop_ids),
+                                       pad_id=tokenizer.pad_id, progress=True, on_batch=save(chosen))
+            n_tokens += sum(map(len, outputs))
     seconds = time.time() - start
-    args.generation = {"seconds": round(seconds, 2), "new_tokens": n_tokens,
-                       "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None,
+    args.generation = {"seconds": round(seconds, 2), "new_tokens": n_tokens, "rows_resumed": reused,
+                       "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 and not reused else None,
                        "prompt_tokens_max": max(map(len, prompts), default=0),
                        "truncated_prompts": sum(r["truncated"] for r in records)}
     return records
+
+
+def file_identity(source: str | None) -> list | None:
+    """[name, size, mtime] of the files of a local model or adapter (None for a hub id, which names itself):
+    a partial file generated with other weights at the same path is not reused."""
+    if not source or not Path(source).expanduser().exists():
+        return None
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def generation_settings(args) -> dict:
+    """Everything a generated output depends on besides its prompt (after load_for_generation)."""
+    return {"model": args.model, "model_files": file_identity(args.model), "adapter": args.adapter,
+            "adapter_files": file_identity(args.adapter), "quant": args.quant, "template": args.template,
+            "max_new_tokens": [args.max_new, args.max_new_by_task], "cutoff": args.cutoff, "dtype": args.dtype,
+            "device": str(args.device).split(":")[0]}
+
+
+def read_partial(path: Path, settings: dict) -> dict[tuple, tuple[str, int]]:
+    """{(task, setting, index, prompt_sha256): (output, new tokens)} of a partial file written with
+    `settings`; {} when there is none, or when it was written with other settings (said on stderr)."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("settings") != settings:
+        was = header.get("settings") or {}
+        differ = [k for k in settings if was.get(k) != settings[k]] or ["its header"]
+        print(f"note: {path} was written with other settings ({', '.join(differ)} differ): generating every row "
+              "again", file=sys.stderr)
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+            done[r["task"], r["setting"], r["index"], r["prompt_sha256"]] = (r["output"], int(r["new_tokens"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):   # the line a kill cut short
+            continue
+    return done
+
+
+def open_partial(path: Path, settings: dict, kept: list[tuple[dict, int]]):
+    """The partial file, rewritten (through a temporary name) with its header and the `kept` (record,
+    new tokens), open for appending the records generated from now on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(json.dumps({"partial_predictions_of": "evaluate.py", "settings": settings}) + "\n")
+        for r, tokens in kept:
+            f.write(json.dumps({k: r[k] for k in ("task", "setting", "index", "prompt_sha256", "output")}
+                               | {"new_tokens": tokens}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8", errors="backslashreplace")
 
 
 # ---- gold outputs for a predictions file ----------------------------------------------------------
@@ -520,6 +649,16 @@ def print_summary(results: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
+    with FolderLock(out, "evaluate.py", LOCK_NAME):   # one evaluate.py per --out; released however this ends
+        if finish_pending(out):
+            print(f"note: completed the replacement of {out}'s outputs that an interrupted run had begun",
+                  file=sys.stderr)
+        return evaluate(args, argv)
+
+
+def evaluate(args, argv) -> int:
+    """main() once the --out folder is held: read, generate (resuming), score, write the set together."""
     command = "python evaluate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.time()
     skipped = None
@@ -546,11 +685,13 @@ def main(argv=None) -> int:
         records = generate_records(args, rows)
     results = score(records, qpr_labels=qpr_labels, bertscorer=bertscorer)
 
+    # The set (predictions, metrics, results.md, chart) is written to a staging folder, then replaces the
+    # previous set together; text that UTF-8 cannot encode (a lone surrogate) is written escaped.
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    staged = staging_folder(out)
     label = default_label(args)
     fields = ("task", "setting", "index", "prompt_sha256", "output", "parsed", "valid", "gold", "truncated")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+    with open(staged / "predictions.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
         for r in sorted(records, key=lambda r: (TASKS.index(r["task"]), SETTINGS.index(r["setting"]), r["index"])):
             f.write(json.dumps({k: r[k] for k in fields if k in r}, ensure_ascii=False) + "\n")
     bertscore = {"model": bertscorer.name, "layer": bertscorer.layer} if bertscorer else None
@@ -571,17 +712,24 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - started, 1),
         "results": results,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    (out / "results.md").write_text(render_results_md(args, results, meta))
-    plotted = plot_results(results, label, out / "results.png")
+    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                                         errors="backslashreplace")
+    (staged / "results.md").write_text(render_results_md(args, results, meta), encoding="utf-8",
+                                       errors="backslashreplace")
+    plotted = plot_results(results, label, staged / "results.png")
+    replace_together(out, ["predictions.jsonl", "metrics.json", "results.md"] + (["results.png"] if plotted else []),
+                     remove=OUTPUTS)
+    (out / PARTIAL).unlink(missing_ok=True)   # the set is whole: the partial predictions are no longer needed
     print_summary(results)
     print(f"wrote {out / 'predictions.jsonl'}, metrics.json, results.md" + (", results.png" if plotted else ""))
     return 0
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")   # text that cannot be encoded is shown escaped
+    sys.stderr.reconfigure(errors="backslashreplace")
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:   # DataError is a ValueError
+    except (ValueError, OSError, RuntimeError) as e:   # DataError is a ValueError, FolderBusy a RuntimeError
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -24,6 +24,7 @@ embeddings practically never give such tokens.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -32,6 +33,7 @@ from model.bert import BertEncoder, BertTokenizer, offline_minilm_dir
 # bert-score's model2layers for the encoders one might use here (best layer on WMT16).
 DEFAULT_LAYERS = {"roberta-large": 17, "facebookai/roberta-large": 17, "roberta-base": 10, "bert-base-uncased": 9}
 PAPER_MODEL = "roberta-large"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")   # a valid pair is one code point in a Python str
 
 
 def greedy_match(
@@ -93,8 +95,12 @@ class BertScorer:
         return cls(encoder, tokenizer, layer, name, batch_size=batch_size, device=device)
 
     def token_ids(self, text: str) -> list[int]:
-        """bert-score's sent_encode: strip; "" -> [CLS][SEP]; byte-level BPE gets a leading space."""
-        text = text.strip()
+        """bert-score's sent_encode: strip; "" -> [CLS][SEP]; byte-level BPE gets a leading space.
+
+        A lone UTF-16 surrogate (a model output can hold one; no tokenizer accepts it) is read as
+        U+FFFD, the replacement character, as a UTF-8 decoder reads a broken byte sequence.
+        """
+        text = LONE_SURROGATE.sub("\ufffd", text).strip()
         if not text:
             return [self.tokenizer.cls_id, self.tokenizer.sep_id]
         return self.tokenizer.encode(" " + text if self.tokenizer.byte_level else text)

@@ -111,6 +111,7 @@ def _score_qpr(parsed, references, qpr_labels, mode: str) -> tuple[dict, int]:
     ndcgs, full_ndcgs = [], []
     n_invalid = n_unknown_letters = 0
     for row, ((letters, valid), reference) in enumerate(zip(parsed, references)):
+        letters = letters if isinstance(letters, list) else []   # a non-text output (null, a number) names none
         labels = list(qpr_labels[row])  # labels of options A, B, ... of this row, e.g. ['C', 'S', 'E']
         if not labels or any(label not in ESCI_GAINS for label in labels):
             raise ValueError(f"Query_Product_Rank: qpr_labels[{row}] = {labels!r} is not a list of E/S/C/I labels")

@@ -53,8 +53,12 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
 def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_size: int = 16,
                      max_new_tokens: int = 100, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                     progress: bool = False) -> list[list[int]]:
-    """`generate` over many prompts: sorted by length so batches pad little; results in input order."""
+                     progress: bool = False, on_batch=None) -> list[list[int]]:
+    """`generate` over many prompts: sorted by length so batches pad little; results in input order.
+
+    on_batch(indices, outputs), when given, is called after each batch with the positions (in
+    `prompts`) it generated and their outputs, e.g. to save them as they come.
+    """
     from tqdm import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -66,6 +70,8 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
                            stop_ids=stop_ids, pad_id=pad_id)
         for i, out in zip(chunk, outputs):
             results[i] = out
+        if on_batch is not None:
+            on_batch(chunk, outputs)
         bar.update(len(chunk))
     bar.close()
     return results
