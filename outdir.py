@@ -46,9 +46,9 @@ class FolderLock:
     """An exclusive, non-blocking lock on `folder` (created if missing), held until `release()`.
 
     The lock file (`name` in the folder) holds who holds it: {"pid", "host", "started", "program"}.
-    Use as a context manager, or call acquire() / release(). A folder that this lock created and
-    that holds nothing but the lock file when it is released is removed again, so a run that fails
-    before writing anything leaves nothing behind.
+    Use as a context manager, or call acquire() / release(). release() removes the lock file, and
+    the folder too if this lock created it and nothing else was written there, so a run refused or
+    failed before writing anything leaves nothing behind (a killed run leaves the file, unlocked).
     """
 
     def __init__(self, folder: str | os.PathLike, program: str, name: str = ".lock"):
@@ -107,11 +107,14 @@ class FolderLock:
         return f"another live process (its {self.path.name} names no holder)"
 
     def release(self) -> None:
+        """Remove the lock file (a process that opened it meanwhile sees the inode change and retries),
+        and the folder if this lock created it and it is empty; then drop the lock."""
         if self.fd is None:
             return
         try:
-            if self.created and [p.name for p in self.folder.iterdir()] == [self.path.name]:
-                self.path.unlink()   # before unlocking: a process that opened it meanwhile sees the inode change
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+            if self.created and not any(self.folder.iterdir()):
                 self.folder.rmdir()
         except OSError:
             pass
