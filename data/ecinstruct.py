@@ -314,7 +314,8 @@ def read_rows(source: str | Path, *, skip_invalid: bool = False) -> list[dict]:
         others = [str(number) for _, number in invalid[1:]]
         more = (f"; {len(others)} more invalid row(s): row(s) {', '.join(others[:_MAX_LISTED])}"
                 + (" ..." if len(others) > _MAX_LISTED else "")) if others else ""
-        raise DataError(f"{invalid[0][0]}{more} (pass skip_invalid=True / --skip-invalid to leave invalid rows out)")
+        raise DataError(f"{invalid[0][0]}{more} (fix the file; load_rows(skip_invalid=True) and data.inspect "
+                        "--skip-invalid leave invalid rows out)")
     if invalid:
         print(f"skipped {len(invalid)} invalid rows (first: {invalid[0][0]})", file=sys.stderr)
     return rows
