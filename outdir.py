@@ -42,6 +42,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, owned by someone else
+        pass
+    return True
+
+
 class FolderLock:
     """An exclusive, non-blocking lock on `folder` (created if missing), held until `release()`.
 
@@ -69,6 +79,7 @@ class FolderLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:   # the folder was removed by a run that failed just now
                 self.folder.mkdir(parents=True, exist_ok=True)
+                self.created = True
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,15 +107,17 @@ class FolderLock:
         return self
 
     def holder(self) -> str:
-        """Who holds the lock, as 'train.py (pid 123 on host h, started 2025-01-01T12:00:00+00:00)'."""
-        for _ in range(20):   # the holder writes its details just after taking the lock
-            try:
+        """Who holds the lock: 'a live train.py (pid 123 on host h, started 2025-01-01T12:00:00+00:00)'."""
+        for _ in range(20):   # the holder writes its details just after taking the lock: until then the
+            try:              # file is empty, or still names a killed holder before it
                 info = json.loads(self.path.read_text())
-                return (f"a live {info['program']} (pid {info['pid']} on host {info['host']}, "
-                        f"started {info['started']})")
+                if info["host"] != socket.gethostname() or _alive(info["pid"]):
+                    return (f"a live {info['program']} (pid {info['pid']} on host {info['host']}, "
+                            f"started {info['started']})")
             except (OSError, ValueError, KeyError, TypeError):
-                time.sleep(0.05)
-        return f"another live process (its {self.path.name} names no holder)"
+                pass
+            time.sleep(0.05)
+        return f"another live process (its {self.path.name} does not say which)"
 
     def release(self) -> None:
         """Remove the lock file (a process that opened it meanwhile sees the inode change and retries),
