@@ -34,7 +34,7 @@ class FolderBusy(RuntimeError):
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make renames and new names in `folder` durable."""
+    """fsync a folder (making renames and new names in it durable) or a file, opened read-only."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

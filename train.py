@@ -85,7 +85,7 @@ from data import SETTINGS, DataError, collate, parse_tasks, plan_epoch, read_row
 from data.batching import padding_stats
 from metrics.tasks import ABBREV
 from model import PRESETS, Tokenizer, count_parameters, load_model
-from outdir import FolderBusy, FolderLock
+from outdir import FolderBusy, FolderLock, fsync_dir
 
 IGNORE_INDEX = -100
 FORMAT = 1                      # checkpoint layout version (state.pt "format")
@@ -434,11 +434,7 @@ def write_json(path: Path, obj) -> None:
 def fsync_tree(folder: Path) -> None:
     """Flush every file and folder under `folder` to disk before it is renamed into place."""
     for path in sorted(folder.rglob("*")) + [folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)   # an fsync of a file opened read-only, as of a folder
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -449,17 +445,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
-    fsync_tree_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def fsync_tree_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_adapter_dir(model, final: Path, base_name: str, extra: dict | None = None) -> None:

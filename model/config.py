@@ -59,6 +59,19 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in file `path`; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
 @dataclass
 class ModelConfig:
     """A Llama `config.json`. Unknown hub keys are ignored; the required ones must be present."""
@@ -159,15 +172,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def from_name(cls, alias: str) -> "ModelConfig":

@@ -7,13 +7,12 @@ every key and shape is checked both ways before anything is assigned.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from .config import PRESETS, ModelConfig
+from .config import PRESETS, ModelConfig, read_json_object
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -66,13 +65,7 @@ def download(repo_id: str) -> Path:
 def shard_files(index: Path) -> list[str]:
     """The shard file names of a model.safetensors.index.json, each checked to be a file in the index's
     own folder (a name such as ../../elsewhere.safetensors or /abs/path is refused, never read)."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{index}: not valid JSON (nested too deeply)") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file name, got "
                          f"{type(weight_map).__name__ if weight_map is not None else 'none'}")
