@@ -113,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--adapter and --quant need --model, not --predictions")
     if args.quant == "nf4" and not args.adapter:
         p.error("--quant nf4 is for evaluating a QLoRA adapter on its NF4 base: give --adapter too")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     try:

@@ -258,6 +258,13 @@ def test_missing_out_is_a_usage_error(preds_file, capsys):
     assert code == 2 and "--out" in err
 
 
+def test_batch_size_0_is_a_usage_error_before_anything_loads(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "no-such-model-folder", "--batch-size", "0", "--out", "unused"])
+    assert e.value.code == 2
+    assert "--batch-size must be at least 1 (got 0)" in capsys.readouterr().err
+
+
 def test_predictions_without_gold_are_refused(preds_file, tmp_path, capsys):
     """A --gold file lacking a predicted row, or a dataset with no gold at all for the predictions: exit 2, named."""
     gold = tmp_path / "gold.jsonl"
