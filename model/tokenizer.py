@@ -143,8 +143,10 @@ class Tokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)])
         bos_id, eos_id = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+        # end-of-turn and end-of-message tokens (Llama 3's <|eot_id|>, <|eom_id|>) stop generation too
+        stops = [field(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in reader.fields]
         return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=field("tokenizer.ggml.padding_token_id"),
-                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)), stop_ids=stops,
                    chat_template=field("tokenizer.chat_template"))
 
     def save(self, path: str | Path) -> None:
