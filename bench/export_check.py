@@ -22,6 +22,7 @@ Prints a markdown report (and writes it to --out/report.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 import export
-from data import load_rows
+from data import load_rows, render_prompt
 from data.encode import encode_prompt
 from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from model import generate, load_model
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=20, help="prompts (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy steps per prompt (default 32)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of both engines (default 1)")
+    p.add_argument("--llama-cpp", default="f16,q8_0", help="GGUF types llama.cpp runs (default f16,q8_0)")
     p.add_argument("--out", help="where the exports and report.md go (default: a temporary folder)")
     args = p.parse_args(argv)
     if bool(args.adapter) == args.scripted_adapter:
@@ -60,8 +62,8 @@ def parse_args(argv=None):
     return args
 
 
-def pick_prompts(path: str, n: int, tokenizer) -> list[tuple[str, list[int]]]:
-    """(task, prompt ids) of the first rows of each task's IND_Diverse_Instruction block, round robin."""
+def pick_prompts(path: str, n: int, tokenizer) -> list[tuple[str, list[int], str]]:
+    """(task, prompt ids, prompt text) of the first rows of each task's IND_Diverse_Instruction block, in turn."""
     rows = load_rows(path, split="test", tasks="all", settings=["IND_Diverse_Instruction"])
     by_task: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda r: (r["task"], r["index"])):
@@ -70,7 +72,8 @@ def pick_prompts(path: str, n: int, tokenizer) -> list[tuple[str, list[int]]]:
     while len(picked) < n:
         for task in sorted(by_task):
             if i < len(by_task[task]) and len(picked) < n:
-                picked.append((task, encode_prompt(by_task[task][i], tokenizer, max_len=2048 - 128)[0]))
+                row = by_task[task][i]
+                picked.append((task, encode_prompt(row, tokenizer, max_len=2048 - 128)[0], render_prompt(row)))
         i += 1
     return picked
 
@@ -81,18 +84,23 @@ def logits_of(model, ids: list[int]) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out)[0].float()
 
 
-def compare(model, prompts, ours) -> dict:
-    """Largest |logit difference| against `ours` over every position of every prompt, and top-1 agreement.
-    Our logits are recomputed per prompt: all of them at once would be prompts x tokens x vocab floats."""
-    diffs, agree, total, scale = [], 0, 0, 0.0
-    for _, ids in prompts:
-        got, ref = logits_of(model, ids), logits_of(ours, ids)
-        diffs.append((got - ref).abs().max().item())
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ids)
-        scale = max(scale, ref.abs().max().item())
-    return {"max_abs_diff": max(diffs), "median_prompt_max_diff": float(np.median(diffs)), "max_abs_logit": scale,
-            "top1_agreement": f"{agree}/{total}"}
+def compare(model, prompts, references) -> dict:
+    """Largest |logit difference| against each reference model over every position of every prompt, and
+    top-1 agreement with the first. Reference logits are recomputed per prompt: all of them at once would
+    be prompts x tokens x vocab floats."""
+    diffs = {name: [] for name in references}
+    agree, total, scale = 0, 0, 0.0
+    for _, ids, _ in prompts:
+        got = logits_of(model, ids)
+        for k, (name, ref_model) in enumerate(references.items()):
+            ref = logits_of(ref_model, ids)
+            diffs[name].append((got - ref).abs().max().item())
+            if k == 0:
+                agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+                total += len(ids)
+                scale = max(scale, ref.abs().max().item())
+    return {"max": {n: max(d) for n, d in diffs.items()}, "median": {n: float(np.median(d)) for n, d in diffs.items()},
+            "max_abs_logit": scale, "top1_agreement": f"{agree}/{total}"}
 
 
 def transformers_model(path: Path, gguf_file: str | None = None):
@@ -104,26 +112,43 @@ def transformers_model(path: Path, gguf_file: str | None = None):
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 
-def ours_greedy(model, prompts, max_new, stops) -> tuple[list[list[int]], float]:
-    start = time.perf_counter()
-    outs = [generate(model, [ids], max_new_tokens=max_new, stop_ids=stops)[0] for _, ids in prompts]
-    return outs, time.perf_counter() - start
+def ours_greedy(model, prompts, n: int) -> tuple[list[list[int]], float, float]:
+    """Our generator (model/generate.py), batch 1, exactly n new tokens each (EOS does not stop it):
+    (outputs, seconds of prompt processing, seconds of the n - 1 decoding steps). The prompt's share is
+    timed by a second run with one new token."""
+    outs, prefill, decode = [], 0.0, 0.0
+    for _, ids, _ in prompts:
+        t0 = time.perf_counter()
+        generate(model, [ids], max_new_tokens=1)
+        t1 = time.perf_counter()
+        outs.append(generate(model, [ids], max_new_tokens=n)[0])
+        t2 = time.perf_counter()
+        prefill, decode = prefill + (t1 - t0), decode + (t2 - t1) - (t1 - t0)
+    return outs, prefill, decode
 
 
-def llama_cpp_greedy(path: Path, prompts, max_new, stops, threads) -> tuple[list[list[int]], float]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
-    outs, start = [], time.perf_counter()
-    for _, ids in prompts:
+def llama_cpp_greedy(llm, prompts, n: int) -> tuple[list[list[int]], float, float]:
+    """llama.cpp's greedy sampler, same contract as ours_greedy; the prompt's share is the time to the first token."""
+    outs, prefill, decode = [], 0.0, 0.0
+    for _, ids, _ in prompts:
         out = []
         llm.reset()   # no reuse of the previous prompt's cached prefix: both engines start from scratch
+        t0 = time.perf_counter()
         for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in stops or len(out) == max_new:
-                break
+            if not out:
+                t1 = time.perf_counter()
             out.append(token)
+            if len(out) == n:
+                break
+        t2 = time.perf_counter()
         outs.append(out)
-    return outs, time.perf_counter() - start
+        prefill, decode = prefill + (t1 - t0), decode + (t2 - t1)
+    return outs, prefill, decode
+
+
+def cut(tokens: list[int], stops) -> list[int]:
+    """The answer: the tokens before the first stop token (what evaluate.py keeps)."""
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
 
 
 @torch.no_grad()
@@ -161,8 +186,8 @@ def main(argv=None) -> int:
     lines = [f"# Export check: {Path(source).name} + {'scripted adapter' if args.scripted_adapter else adapter.name}", "",
              f"- adapter targets: {', '.join(model.lora_config['targets'])}; r={model.lora_config['r']}, "
              f"alpha={model.lora_config['alpha']}",
-             f"- prompts: {len(prompts)} ({', '.join(sorted({t for t, _ in prompts}))}), "
-             f"{min(len(i) for _, i in prompts)}-{max(len(i) for _, i in prompts)} tokens",
+             f"- prompts: {len(prompts)} ({', '.join(sorted({t for t, _, _ in prompts}))}), "
+             f"{min(len(i) for _, i, _ in prompts)}-{max(len(i) for _, i, _ in prompts)} tokens",
              f"- CPU: {cpu_name()}, {args.threads} thread(s); torch {torch.__version__}", ""]
 
     exports = {"hf-f32": ["--format", "hf", "--dtype", "f32"], "gguf-f16": ["--format", "gguf", "--gguf-quant", "f16"],
@@ -172,52 +197,81 @@ def main(argv=None) -> int:
         paths[name] = out / (name if name.startswith("hf") else f"{name}.gguf")
         export.main(["--model", source, "--adapter", str(adapter), *flags, "--out", str(paths[name]), "--overwrite"])
 
-    lines += ["## Logits of the exports against ours (fp32, adapter unmerged)", "",
-              "| export | read by | max abs diff | median over prompts | max abs logit | top-1 agreement |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    merged, _ = load_model(source)
+    load_adapter(merged, adapter)
+    merge_lora(merged.eval())   # evaluate.py's form: the adapter folded into the weights, fp32
+    rounded = copy.deepcopy(merged)   # what an f16 GGUF holds: every 2-D weight rounded to f16, norms fp32
+    for p in rounded.parameters():
+        if p.dim() == 2:
+            p.data = p.data.half().float()
+    references = {"unmerged": model, "merged": merged, "f16": rounded}
+    lines += ["## Logits of the exports against ours", "",
+              "Largest |difference| over every position and vocabulary entry of the prompts (median: of the "
+              "per-prompt largest) against ours with the adapter unmerged (fp32, dense base); against ours with "
+              "it merged into the fp32 weights (what evaluate.py runs); against that merged model with its 2-D "
+              "weights rounded to f16 in torch (what an f16 file holds).", "",
+              "| export | read by | max vs unmerged | median vs unmerged | max vs merged | max vs merged, f16-rounded | "
+              "max abs logit | top-1 agreement (vs unmerged) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, path in paths.items():
         for reader in ("transformers", "ours"):
             if reader == "transformers":
                 m = transformers_model(path) if name.startswith("hf") else transformers_model(path.parent, path.name)
             else:
                 m = load_model(path)[0]
-            r = compare(m, prompts, model)
-            lines.append(f"| {name} | {reader} | {r['max_abs_diff']:.2e} | {r['median_prompt_max_diff']:.2e} | "
-                         f"{r['max_abs_logit']:.1f} | {r['top1_agreement']} |")
+            r = compare(m, prompts, references)
+            lines.append(f"| {name} | {reader} | {r['max']['unmerged']:.2e} | {r['median']['unmerged']:.2e} | "
+                         f"{r['max']['merged']:.2e} | {r['max']['f16']:.2e} | {r['max_abs_logit']:.1f} | "
+                         f"{r['top1_agreement']} |")
             print(lines[-1], flush=True)
             del m
+    for name, m in (("(none) ours merged, fp32", merged), ("(none) ours merged, f16-rounded", rounded)):
+        r = compare(m, prompts, references)
+        lines.append(f"| {name} | ours | {r['max']['unmerged']:.2e} | {r['median']['unmerged']:.2e} | "
+                     f"{r['max']['merged']:.2e} | {r['max']['f16']:.2e} | {r['max_abs_logit']:.1f} | "
+                     f"{r['top1_agreement']} |")
+    del rounded
 
-    stops = sorted(tok.stop_ids)
-    merged, _ = load_model(source)
-    load_adapter(merged, adapter)
-    merge_lora(merged.eval())   # evaluate.py's generator: the adapter folded in, fp32
-    ours, ours_s = ours_greedy(merged, prompts, args.max_new_tokens, stops)
-    ours_tokens = sum(map(len, ours))
-    lines += ["", f"## Greedy generation, {args.max_new_tokens} new tokens at most, batch 1, {args.threads} thread(s)", ""]
+    stops = set(tok.stop_ids)
+    n, k = args.max_new_tokens, len(prompts)
+    prompt_tokens = sum(len(ids) for _, ids, _ in prompts)
+    ours, ours_prefill, ours_decode = ours_greedy(merged, prompts, n)
+    lines += ["", f"## Greedy generation: {n} new tokens per prompt (EOS does not stop it), batch 1, "
+                  f"{args.threads} thread(s)", "",
+              f"Answers: the tokens before the first EOS, as evaluate.py keeps them. Prompt tokens/s: "
+              f"{prompt_tokens} prompt tokens / seconds to the first new token; decode tokens/s: {k} x {n - 1} "
+              "steps / the rest.", ""]
     try:
         import llama_cpp
     except ImportError:
-        lines.append(f"llama-cpp-python is not installed: ours alone, {ours_tokens} tokens in {ours_s:.1f} s "
-                     f"({ours_tokens / ours_s:.1f} tokens/s)")
-    else:
-        lines += [f"llama-cpp-python {llama_cpp.__version__}", "",
-                  "| engine | model | outputs equal to ours | new tokens | seconds | tokens/s |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |",
-                  f"| ours (model/generate.py) | fp32, adapter merged | - | {ours_tokens} | {ours_s:.1f} | "
-                  f"{ours_tokens / ours_s:.1f} |"]
-        details = []
-        for name in ("gguf-f16", "gguf-q8_0"):
-            theirs, s = llama_cpp_greedy(paths[name], prompts, args.max_new_tokens, stops, args.threads)
-            n = sum(map(len, theirs))
-            same = sum(a == b for a, b in zip(ours, theirs))
-            lines.append(f"| llama.cpp | {name} | {same}/{len(prompts)} | {n} | {s:.1f} | {n / s:.1f} |")
-            print(lines[-1], flush=True)
-            for k, ((task, ids), a, b) in enumerate(zip(prompts, ours, theirs)):
-                if a != b:
-                    step, margin = margin_at_divergence(model, ids, a, b)
-                    details.append(f"- {name}, prompt {k} ({task}): first difference at step {step}; our logit "
-                                   f"margin there {margin:.3f} (ours {tok.decode(a)!r}, llama.cpp {tok.decode(b)!r})")
-        lines += [""] + (details or ["Every greedy output is token for token ours."])
+        llama_cpp = None
+        lines.append("llama-cpp-python is not installed: ours alone.")
+    lines += ["| engine | weights | answers equal to ours | all tokens equal to ours | prompt tokens/s | "
+              "decode tokens/s |", "| --- | --- | ---: | ---: | ---: | ---: |",
+              f"| ours (model/generate.py) | fp32, adapter merged | - | - | {prompt_tokens / ours_prefill:.0f} | "
+              f"{k * (n - 1) / ours_decode:.1f} |"]
+    details = []
+    for name in ([] if llama_cpp is None else args.llama_cpp.split(",")):
+        llm = llama_cpp.Llama(str(paths[f"gguf-{name}"]), n_ctx=2048, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+        same_ids = sum(llm.tokenize(text.encode(), add_bos=tok.add_bos, special=False) == tok.encode(text, bos=True)
+                       for _, _, text in prompts)
+        theirs, prefill, decode = llama_cpp_greedy(llm, prompts, n)
+        answers = sum(cut(a, stops) == cut(b, stops) for a, b in zip(ours, theirs))
+        whole = sum(a == b for a, b in zip(ours, theirs))
+        lines.append(f"| llama.cpp {llama_cpp.__version__} | GGUF {name} | {answers}/{k} | {whole}/{k} | "
+                     f"{prompt_tokens / prefill:.0f} | {k * (n - 1) / decode:.1f} |")
+        print(lines[-1], flush=True)
+        details.append(f"- GGUF {name}: llama.cpp's tokenizer gives our prompt ids on {same_ids}/{k} prompt texts.")
+        for i, ((task, ids, _), a, b) in enumerate(zip(prompts, ours, theirs)):
+            if a != b:
+                step, margin = margin_at_divergence(model, ids, a, b)
+                details.append(f"- GGUF {name}, prompt {i} ({task}): first difference at step {step}"
+                               f"{' (after the answer)' if cut(a, stops) == cut(b, stops) else ''}; our logit margin "
+                               f"there {margin:.3f} (ours {tok.decode(a[:step + 1])!r}, llama.cpp "
+                               f"{tok.decode(b[:step + 1])!r})")
+        del llm
+    lines += [""] + details
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
     print(report)

@@ -277,9 +277,9 @@ def merged_export_state(model: nn.Module):
     return dataclasses.replace(config, tie_word_embeddings=tied and not untie), state
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file, or a folder's files and the folder itself (so its entries are durable)."""
-    for p in (sorted(path.rglob("*")) + [path]) if path.is_dir() else [path]:
+def _fsync(path: Path, *, tree: bool = False) -> None:
+    """fsync a file or a folder's entries; tree=True: everything under the folder, then the folder."""
+    for p in (sorted(path.rglob("*")) + [path]) if tree else [path]:
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -324,10 +324,10 @@ def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make them private
-        _fsync(tmp)
+        _fsync(tmp, tree=folder)
         check_export_path(path, folder=folder, overwrite=overwrite)  # it may have appeared meanwhile
-        if folder and path.exists():  # a folder cannot be renamed over another: move the old one aside
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if folder and path.exists():  # a folder is renamed only over an empty one: move the old one aside
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
@@ -336,7 +336,9 @@ def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
         else:
             tmp.unlink(missing_ok=True)
         if old is not None and not path.exists():
-            os.replace(old, path)
+            os.replace(old, path)                     # the previous export, back in place
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)    # the placeholder the previous export never moved into
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -168,10 +168,10 @@ def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str:
     if own is None:
         raise ValueError("the tokenizer has no pre-tokenizer: llama.cpp's byte-level BPE needs one")
     pieces = [p for p, _ in own.pre_tokenize_str(_PROBE)]
-    for name in ("smollm", "llama-bpe", "gpt2"):
+    for name in ("smollm", "llama-bpe", "gpt-2"):
         if [p for p, _ in _GGUF_PRE_TOKENIZERS[name]().pre_tokenize_str(_PROBE)] == pieces:
             return name
-    raise ValueError("the tokenizer's pre-tokenizer is none of those llama.cpp knows here (smollm, llama-bpe, gpt2)")
+    raise ValueError("the tokenizer's pre-tokenizer is none of those llama.cpp knows here (smollm, llama-bpe, gpt-2)")
 
 
 def _tokenizer_fields(tokenizer: Tokenizer, vocab_size: int) -> dict:

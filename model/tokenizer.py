@@ -29,6 +29,7 @@ _GGUF_PRE_TOKENIZERS = {
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
 _GGUF_PRE_TOKENIZERS["llama3"] = _GGUF_PRE_TOKENIZERS["llama-v3"] = _GGUF_PRE_TOKENIZERS["llama-bpe"]
+_GGUF_PRE_TOKENIZERS["gpt-2"] = _GGUF_PRE_TOKENIZERS["gpt2"]  # llama.cpp's spelling of GPT-2's split
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are special tokens
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 import evaluate
 import export
 from data import DEFAULT_SAMPLE
-from lora import apply_lora, load_adapter, lora_layers, save_adapter
+from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from model import load_model
 from tiny import write_tiny_model
 
@@ -175,7 +175,7 @@ def test_gguf_export(case, quant, tol, tmp_path):
     assert fields["general.architecture"] == "llama"
     assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[quant]
     assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 2
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert len(fields["tokenizer.ggml.tokens"]) == len(fields["tokenizer.ggml.token_type"]) == VOCAB
     assert fields["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert fields["tokenizer.ggml.token_type"][:3] == [3, 3, 3]  # control tokens
@@ -379,13 +379,88 @@ def test_the_script_exits_2_with_one_error_line(bases, tmp_path):
 
 @pytest.mark.parametrize("base_name, targets", [("tied", "paper"), ("tied", "no-head"), ("untied", "paper")])
 def test_llama_cpp_logits_equal_ours(bases, adapters, base_name, targets, tmp_path):
-    """llama.cpp loads the f32 export (tied and untied heads) and computes our logits, token by token."""
+    """llama.cpp loads the f32 export (tied and untied heads), tokenizes text as we do (its own BPE from the
+    file's tokens, merges and pre-tokenizer name) and computes our logits, token by token."""
     llama_cpp = pytest.importorskip("llama_cpp")
     base, adapter = bases[base_name], adapters[base_name, targets]
     out = tmp_path / "m.gguf"
     assert run("--model", base, "--adapter", adapter, "--format", "gguf", "--gguf-quant", "f32", "--out", out) == 0
     llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    _, tok = load_model(base)
+    text = "### Instruction:\nIs product 1 (red, 42 cm) a substitute?  Answer yes or no.<|im_end|>\n### Response:\n"
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True)
     tokens = IDS[0].tolist()
     llm.eval(tokens)
     theirs = torch.from_numpy(np.asarray(llm.scores[:len(tokens)], dtype=np.float32))
     assert max_diff(theirs, ours(base, adapter)[0]) <= 1e-3
+
+
+# ---- the real SmolLM2-135M-Instruct ---------------------------------------------------------------
+
+def test_tokenizer_metadata_is_the_packaged_files(smollm2_gguf):
+    """Our tokenizer.ggml.* for SmolLM2 (rebuilt from the packaged GGUF) are that file's, value for value:
+    the file was written by llama.cpp's own converter."""
+    import gguf
+
+    from model.gguf import _tokenizer_fields
+    from model.tokenizer import Tokenizer
+
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    field = lambda key: reader.fields[key].contents()
+    tok = Tokenizer.from_gguf(reader)
+    ours = _tokenizer_fields(tok, 49152)
+    assert ours["pre"] == field("tokenizer.ggml.pre") == "smollm"
+    assert ours["tokens"] == field("tokenizer.ggml.tokens")
+    assert ours["types"] == field("tokenizer.ggml.token_type")
+    assert ours["merges"] == field("tokenizer.ggml.merges")
+
+
+def real_prompts(shared_dir, tok, n: int = 20) -> list[list[int]]:
+    """Prompt ids of n real test rows: the first of each task's IND_Diverse_Instruction block, in turn."""
+    from data import load_rows
+    from data.encode import encode_prompt
+
+    rows = load_rows(str(shared_dir / "test_rows_dev.jsonl"), split="test", tasks="all",
+                     settings=["IND_Diverse_Instruction"])
+    by_task: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["task"], r["index"])):
+        by_task.setdefault(row["task"], []).append(row)
+    order = [by_task[t][i] for i in range(n) for t in sorted(by_task)][:n]
+    return [encode_prompt(row, tok)[0] for row in order]
+
+
+def test_llama_cpp_greedy_equals_ours_on_smollm2(smollm2_gguf, shared_dir, tmp_path):
+    """llama.cpp runs the f16 export of the real SmolLM2 with an adapter on every target (lm_head too):
+    its greedy answers on 20 real prompts are ours (fp32, adapter merged as evaluate.py runs it). A
+    prompt may part only at a near-tie that f16 weights can flip: our logit margin there under 0.1
+    (f16 rounding moves this model's logits by up to about 0.06)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from model import generate_batched
+
+    adapter = make_adapter(smollm2_gguf, tmp_path / "adapter", std=0.02)
+    out = tmp_path / "m.gguf"
+    assert run("--model", smollm2_gguf, "--adapter", adapter, "--format", "gguf", "--gguf-quant", "f16",
+               "--out", out) == 0
+    model, tok = load_model(smollm2_gguf)
+    merge_lora(load_adapter(model, adapter))
+    prompts = real_prompts(shared_dir, tok)
+    stops = sorted(tok.stop_ids)
+    ours = generate_batched(model.eval(), prompts, batch_size=4, max_new_tokens=16, stop_ids=stops)
+    llm = llama_cpp.Llama(str(out), n_ctx=2048, n_threads=1, n_threads_batch=1, verbose=False)
+    same = 0
+    for ids, mine in zip(prompts, ours):
+        llm.reset()
+        theirs = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            if token in stops or len(theirs) == 16:
+                break
+            theirs.append(token)
+        if theirs == mine:
+            same += 1
+            continue
+        step = next(i for i, (a, b) in enumerate(zip(mine + [-1], theirs + [-1])) if a != b)
+        at = lambda seq: seq[step] if step < len(seq) else tok.eos_id   # a shorter answer stopped at EOS there
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + mine[:step]]))[0, -1]
+        assert abs(logits[at(mine)] - logits[at(theirs)]).item() < 0.1, (tok.decode(mine), tok.decode(theirs))
+    assert same >= 18
