@@ -8,12 +8,15 @@ What this file proves, on tiny random Llamas in float32 on the CPU (`export.main
   pre-tokenizer, tokens, types, merges, special ids, add_bos_token, chat template); 2-D weights are
   F32/F16/Q8_0 as asked, norms F32; `output` exists exactly when the head is untied; transformers' own
   GGUF reader (which undoes llama.cpp's q/k row permutation independently of ours) gives our logits;
-  a GGUF source exports as well as a hub folder;
+  a GGUF source exports as well as a hub folder; Llama 3's rope scaling travels as `rope_freqs`;
+- `--quant nf4` merges into the dequantized NF4 base, as `evaluate.py --quant nf4` runs it;
 - `python evaluate.py --model EXPORT` writes the same predictions and scores as `--model SRC --adapter DIR`;
 - refusals: an existing --out without --overwrite, a non-finite merge (NaN in the adapter, an f16
   overflow), a folder that is not a model export, mismatched flags; a failure while writing leaves
   --out as it was and no temporary sibling behind;
-- with llama-cpp-python installed (not in CI): llama.cpp's logits on our tiny GGUF equal ours.
+- our tokenizer metadata for the real SmolLM2 is the packaged file's (written by llama.cpp's converter);
+- with llama-cpp-python installed (not in CI): llama.cpp tokenizes as we do and its logits on our tiny
+  GGUF files equal ours; on the real SmolLM2 with an adapter its greedy answers to 20 real prompts are ours.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import evaluate
 import export
 from data import DEFAULT_SAMPLE
 from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from model import load_model
+from model import PRESETS, load_model
 from tiny import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 384
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+# long enough for Llama 3's rope scaling to matter: it changes only frequencies with wavelengths over 2048
+LONG = torch.randint(0, VOCAB, (1, 1000), generator=torch.Generator().manual_seed(1))
 CASES = [("tied", "paper"), ("untied", "paper"), ("tied", "no-head")]
 CASE_IDS = ["tied-paper", "untied-paper", "tied-no-head"]
 
@@ -65,17 +70,21 @@ def make_adapter(base: Path, out: Path, targets: str = "paper", std: float = 0.0
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random Llamas: "tied" (GQA, head tied to the embedding), "untied", and for generation a
-    prompt-sensitive tied one ("lively": projections scaled to std 0.2, so answers differ from row to row)."""
+    """Tiny random Llamas: "tied" (GQA, head tied to the embedding), "untied", "llama3" (Llama 3.2's rope
+    scaling) and for generation "lively-tied"; the last two have projections scaled to std 0.2, so that
+    attention, positions and prompts matter (at std 0.02 every row gets nearly the same answer)."""
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("bases")
+    llama3_rope = PRESETS["llama3.2-1b"][1]["rope_scaling"]
     out = {"tied": write_tiny_model(root / "tied"), "untied": write_tiny_model(root / "untied", tie_word_embeddings=False),
+           "llama3": write_tiny_model(root / "llama3", rope_scaling=llama3_rope),
            "lively-tied": write_tiny_model(root / "lively-tied", seed=1)}
-    file = out["lively-tied"] / "model.safetensors"
-    state = load_file(str(file))
-    save_file({k: v * 10 if v.dim() == 2 and "embed" not in k else v for k, v in state.items()}, str(file),
-              metadata={"format": "pt"})
+    for name in ("llama3", "lively-tied"):   # attention that depends on positions and tokens
+        file = out[name] / "model.safetensors"
+        state = load_file(str(file))
+        save_file({k: v * 10 if v.dim() == 2 and "embed" not in k else v for k, v in state.items()}, str(file),
+                  metadata={"format": "pt"})
     return out
 
 
@@ -92,13 +101,13 @@ def case(request, bases, adapters):
     return bases[base], adapters[base, targets], base == "tied" and targets == "no-head"
 
 
-def ours(base: Path, adapter: Path | None) -> torch.Tensor:
-    """Our logits on IDS: the base with the adapter applied, unmerged, fp32."""
+def ours(base: Path, adapter: Path | None, ids: torch.Tensor = IDS) -> torch.Tensor:
+    """Our logits on `ids`: the base with the adapter applied, unmerged, fp32."""
     model, _ = load_model(base)
     if adapter is not None:
         load_adapter(model, adapter)
     with torch.no_grad():
-        return model.eval()(IDS)
+        return model.eval()(ids)
 
 
 def hf_logits(path: Path, **kw) -> torch.Tensor:
@@ -217,6 +226,38 @@ def test_gguf_source_exports_to_both_formats(bases, adapters, tmp_path):
                "--out", tmp_path / "out.gguf") == 0
     with torch.no_grad():
         assert max_diff(load_model(tmp_path / "out.gguf")[0](IDS), expected) <= 1e-4
+
+
+def test_gguf_llama3_rope_scaling(bases, adapters, tmp_path):
+    """Llama 3.x rope scaling travels as llama.cpp's rope_freqs tensor (unscaled / scaled frequencies) and
+    is read back as the same rope_scaling."""
+    out = tmp_path / "m.gguf"
+    base, adapter = bases["llama3"], adapters["llama3", "paper"]
+    assert run("--model", base, "--adapter", adapter, "--format", "gguf", "--gguf-quant", "f32", "--out", out) == 0
+    reader, _ = read_fields(out)
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert factors.tensor_type.name == "F32" and 1.0 < float(np.max(factors.data)) <= 32.0
+    back, _ = load_model(out)
+    assert back.config.rope_scaling == load_model(base)[0].config.rope_scaling
+    expected = ours(base, adapter, LONG)
+    with torch.no_grad():
+        assert max_diff(back(LONG), expected) <= 1e-4
+        back.config.rope_scaling = None
+        assert max_diff(back(LONG), expected) > 1e-2   # the scaling matters at these positions
+
+
+def test_nf4_base_merge_is_what_evaluate_runs(bases, adapters, tmp_path):
+    """--quant nf4: the adapter merged into the dequantized NF4 base, as `evaluate.py --quant nf4` runs it."""
+    pytest.importorskip("bitsandbytes")
+    base, adapter = bases["tied"], adapters["tied", "paper"]
+    assert run("--model", base, "--adapter", adapter, "--quant", "nf4", "--format", "hf", "--dtype", "f32",
+               "--out", tmp_path / "m") == 0
+    model, _ = load_model(base)
+    merge_lora(load_adapter(model, adapter, quantize="nf4"))
+    with torch.no_grad():
+        expected = model.eval()(IDS)
+        assert max_diff(load_model(tmp_path / "m")[0](IDS), expected) <= 1e-5
+        assert max_diff(expected, ours(base, adapter)) > 1e-3   # the NF4 base is not the dense one
 
 
 # ---- the round trip through evaluate.py -----------------------------------------------------------
@@ -377,22 +418,24 @@ def test_the_script_exits_2_with_one_error_line(bases, tmp_path):
 
 # ---- llama.cpp itself (runs only where llama-cpp-python is installed) -----------------------------
 
-@pytest.mark.parametrize("base_name, targets", [("tied", "paper"), ("tied", "no-head"), ("untied", "paper")])
+@pytest.mark.parametrize("base_name, targets", [("tied", "paper"), ("tied", "no-head"), ("untied", "paper"),
+                                              ("llama3", "paper")])
 def test_llama_cpp_logits_equal_ours(bases, adapters, base_name, targets, tmp_path):
-    """llama.cpp loads the f32 export (tied and untied heads), tokenizes text as we do (its own BPE from the
-    file's tokens, merges and pre-tokenizer name) and computes our logits, token by token."""
+    """llama.cpp loads the f32 export (tied and untied heads, Llama 3 rope scaling), tokenizes text as we do
+    (its own BPE from the file's tokens, merges and pre-tokenizer name) and computes our logits, token by token."""
     llama_cpp = pytest.importorskip("llama_cpp")
     base, adapter = bases[base_name], adapters[base_name, targets]
     out = tmp_path / "m.gguf"
     assert run("--model", base, "--adapter", adapter, "--format", "gguf", "--gguf-quant", "f32", "--out", out) == 0
-    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    # an f32 KV cache (llama.cpp's default is f16, which alone moves these logits by ~3e-3)
+    llm = llama_cpp.Llama(str(out), n_ctx=1024, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0)
     _, tok = load_model(base)
     text = "### Instruction:\nIs product 1 (red, 42 cm) a substitute?  Answer yes or no.<|im_end|>\n### Response:\n"
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True)
-    tokens = IDS[0].tolist()
+    tokens = LONG[0].tolist()
     llm.eval(tokens)
     theirs = torch.from_numpy(np.asarray(llm.scores[:len(tokens)], dtype=np.float32))
-    assert max_diff(theirs, ours(base, adapter)[0]) <= 1e-3
+    assert max_diff(theirs, ours(base, adapter, LONG)[0]) <= 1e-4
 
 
 # ---- the real SmolLM2-135M-Instruct ---------------------------------------------------------------
