@@ -251,6 +251,7 @@ def main(argv=None) -> int:
               f"| ours (model/generate.py) | fp32, adapter merged | - | - | {prompt_tokens / ours_prefill:.0f} | "
               f"{k * (n - 1) / ours_decode:.1f} |"]
     details = []
+    show = lambda ids: tok.decode(ids, skip_special_tokens=False)
     for name in ([] if llama_cpp is None else args.llama_cpp.split(",")):
         llm = llama_cpp.Llama(str(paths[f"gguf-{name}"]), n_ctx=2048, n_threads=args.threads,
                               n_threads_batch=args.threads, verbose=False)
@@ -268,8 +269,7 @@ def main(argv=None) -> int:
                 step, margin = margin_at_divergence(model, ids, a, b)
                 details.append(f"- GGUF {name}, prompt {i} ({task}): first difference at step {step}"
                                f"{' (after the answer)' if cut(a, stops) == cut(b, stops) else ''}; our logit margin "
-                               f"there {margin:.3f} (ours {tok.decode(a[:step + 1])!r}, llama.cpp "
-                               f"{tok.decode(b[:step + 1])!r})")
+                               f"there {margin:.3f} (ours {show(a[:step + 1])!r}, llama.cpp {show(b[:step + 1])!r})")
         del llm
     lines += [""] + details
     report = "\n".join(lines) + "\n"

@@ -246,6 +246,21 @@ def test_gguf_llama3_rope_scaling(bases, adapters, tmp_path):
         assert max_diff(back(LONG), expected) > 1e-2   # the scaling matters at these positions
 
 
+def test_every_stop_token_is_kept(tmp_path):
+    """A checkpoint that stops at two tokens (Llama 3 Instruct stops at <|eot_id|> too): both exports keep
+    both, as generation_config.json's eos_token_id list and as GGUF's eos and eot ids."""
+    base = write_tiny_model(tmp_path / "base")
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    assert load_model(base)[1].stop_ids == {0, 2}
+    assert run("--model", base, "--format", "hf", "--out", tmp_path / "hf") == 0
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+    assert run("--model", base, "--format", "gguf", "--out", tmp_path / "m.gguf") == 0
+    fields = read_fields(tmp_path / "m.gguf")[1]
+    assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.eot_token_id"]) == (2, 0)
+    for export_path in (tmp_path / "hf", tmp_path / "m.gguf"):
+        assert load_model(export_path)[1].stop_ids == {0, 2}
+
+
 def test_nf4_base_merge_is_what_evaluate_runs(bases, adapters, tmp_path):
     """--quant nf4: the adapter merged into the dequantized NF4 base, as `evaluate.py --quant nf4` runs it."""
     pytest.importorskip("bitsandbytes")
@@ -262,7 +277,7 @@ def test_nf4_base_merge_is_what_evaluate_runs(bases, adapters, tmp_path):
 
 # ---- the round trip through evaluate.py -----------------------------------------------------------
 
-def test_evaluate_scores_the_export_as_model_plus_adapter(bases, adapters, tmp_path):
+def test_evaluate_scores_the_export_as_model_plus_adapter(bases, adapters, tmp_path, monkeypatch):
     """Same predictions, same paper and strict scores, for a tied model whose head adapter unties it in the
     export: every task of the sample but AG (its F_BERT needs an encoder), IND and OOD."""
     base, adapter = bases["lively-tied"], adapters["lively-tied", "paper"]
@@ -274,6 +289,7 @@ def test_evaluate_scores_the_export_as_model_plus_adapter(bases, adapters, tmp_p
               "--max-new-tokens", "10", "--qpr-labels", str(DEFAULT_SAMPLE.with_name("qpr_label.json"))]
     runs = {"adapter": ["--model", str(base), "--adapter", str(adapter)], "hf": ["--model", str(tmp_path / "hf")],
             "gguf": ["--model", str(tmp_path / "m.gguf")]}
+    monkeypatch.setattr(evaluate, "plot_results", lambda *args: False)   # no bar charts: seconds of matplotlib
     results = {}
     for name, model_args in runs.items():
         assert evaluate.main([*model_args, *common, "--out", str(tmp_path / f"eval-{name}")]) == 0
@@ -440,18 +456,16 @@ def test_llama_cpp_logits_equal_ours(bases, adapters, base_name, targets, tmp_pa
 
 # ---- the real SmolLM2-135M-Instruct ---------------------------------------------------------------
 
-def test_tokenizer_metadata_is_the_packaged_files(smollm2_gguf):
+def test_tokenizer_metadata_is_the_packaged_files(smollm2, smollm2_gguf):
     """Our tokenizer.ggml.* for SmolLM2 (rebuilt from the packaged GGUF) are that file's, value for value:
     the file was written by llama.cpp's own converter."""
     import gguf
 
     from model.gguf import _tokenizer_fields
-    from model.tokenizer import Tokenizer
 
     reader = gguf.GGUFReader(str(smollm2_gguf))
     field = lambda key: reader.fields[key].contents()
-    tok = Tokenizer.from_gguf(reader)
-    ours = _tokenizer_fields(tok, 49152)
+    ours = _tokenizer_fields(smollm2[1], 49152)
     assert ours["pre"] == field("tokenizer.ggml.pre") == "smollm"
     assert ours["tokens"] == field("tokenizer.ggml.tokens")
     assert ours["types"] == field("tokenizer.ggml.token_type")
