@@ -5,20 +5,22 @@
     ... train the parameters with requires_grad (the A and B matrices only) ...
     save_adapter(model, "runs/x/adapter")                              # PEFT format
     export_merged(model, tok, "runs/x/merged")                         # hub layout, bf16
+    export_gguf(model, tok, "runs/x/model.gguf", quant="q8_0")         # llama.cpp
 
 Files: `layer.py` (LoRALinear, the math), `nf4.py` (bitsandbytes NF4 quantize/dequantize),
-`apply.py` (injection, freezing, merge/unmerge, disabling), `io.py` (PEFT adapter files, merged export).
+`apply.py` (injection, freezing, merge/unmerge, disabling), `io.py` (PEFT adapter files, merged exports).
 `model/` never imports `lora/`.
 """
 
 from .apply import (DEFAULT_TARGETS, NO_HEAD_TARGETS, TARGET_PRESETS, apply_lora, linear_layer_names, lora_disabled,
                     lora_layers, merge_lora, unmerge_lora)
-from .io import (export_merged, load_adapter, lora_state_dict, merged_state_dict, read_adapter_config,
-                 save_adapter)
+from .io import (NonFiniteError, check_export_path, export_gguf, export_merged, load_adapter, lora_state_dict,
+                 merged_export_state, merged_state_dict, read_adapter_config, save_adapter)
 from .layer import LoRALinear, lora_delta
 from .nf4 import dequantize_nf4, is_nf4, quantize_nf4
 
 __all__ = ["DEFAULT_TARGETS", "NO_HEAD_TARGETS", "TARGET_PRESETS", "LoRALinear", "apply_lora", "lora_layers",
            "linear_layer_names", "merge_lora", "unmerge_lora", "lora_disabled", "lora_state_dict", "save_adapter",
            "load_adapter", "read_adapter_config", "merged_state_dict", "export_merged", "lora_delta",
+           "merged_export_state", "export_gguf", "check_export_path", "NonFiniteError",
            "quantize_nf4", "dequantize_nf4", "is_nf4"]

@@ -11,7 +11,10 @@ Merged export (what transformers and `model.load_model` read): config.json, gene
 model.safetensors, tokenizer files; every adapter folded in (W + B @ A * alpha/r, in float32, then cast),
 NF4 bases dequantized first. A tied model whose head has an adapter is exported untied
 (`tie_word_embeddings: false` and its own `lm_head.weight`): the embedding is written unchanged.
-Every file is written to a temporary name and renamed into place, so a crash never leaves a torn file.
+The same merged weights also go to a llama.cpp GGUF file (export_gguf, model/gguf.py's writer).
+Adapter files are written to a temporary name and renamed into place; an export is written to a
+temporary sibling of its path, fsynced and renamed, so a crash never leaves a torn file or a
+half-written export under the path. A merged weight that is not finite is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from model.gguf import NonFiniteError
 
 from .apply import HEAD, apply_lora, lora_layers, resolve_targets
 from .layer import LoRALinear
@@ -257,51 +262,155 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
     return state
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str = "float32") -> None:
+    """Raise NonFiniteError naming the first tensor of `state` with a NaN or inf, and how many it holds."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(f"merged tensor {name} has {bad} value(s) that are not finite in {what} "
+                                 "(NaN, inf, or beyond the dtype's range)")
+
+
+@torch.no_grad()
+def merged_export_state(model: nn.Module):
+    """(config, state) of the merged model as exported: float32 hub-named tensors, checked finite.
+
+    Tie rule: a tied model whose head has an adapter is exported untied (its own `lm_head.weight` =
+    embedding + delta, `tie_word_embeddings: false`), the embedding unchanged; a tied model without a
+    head adapter stays tied and `lm_head.weight` is left out, as in hub checkpoints.
+    """
+    config = model.config
+    tied = bool(config.tie_word_embeddings)
+    untie = tied and isinstance(getattr(model, HEAD, None), LoRALinear)
+    state = merged_state_dict(model, torch.float32)
+    if tied and not untie:
+        state.pop(f"{HEAD}.weight", None)
+    check_finite(state)
+    return dataclasses.replace(config, tie_word_embeddings=tied and not untie), state
+
+
+def _fsync(path: Path, *, tree: bool = False) -> None:
+    """fsync a file or a folder's entries; tree=True: everything under the folder, then the folder."""
+    for p in (sorted(path.rglob("*")) + [path]) if tree else [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_export_path(path, *, folder: bool, overwrite: bool) -> Path:
+    """The export target, refused when it exists (unless overwrite), is of the other kind (a file for a
+    folder export or the reverse), or is a non-empty folder without config.json (not a model export)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    if folder and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder: a hub-layout export is a folder")
+    if not folder and path.is_dir():
+        raise FileExistsError(f"{path} is a folder: a GGUF export is one file")
+    if folder and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise FileExistsError(f"{path} is a folder without config.json: not replacing what is not a model export")
+    return path
+
+
+def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
+    """write(tmp) into a temporary sibling of `path`, fsync it, rename it to `path`, fsync the parent.
+
+    `path` only ever holds a complete export: a failure or a crash leaves it as it was (the temporary
+    sibling is removed on failure). An existing `path` is replaced only with overwrite=True.
+    """
+    path = check_export_path(path, folder=folder, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+    old = None
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make them private
+        _fsync(tmp, tree=folder)
+        check_export_path(path, folder=folder, overwrite=overwrite)  # it may have appeared meanwhile
+        if folder and path.exists():  # a folder is renamed only over an empty one: move the old one aside
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)                     # the previous export, back in place
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)    # the placeholder the previous export never moved into
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(path.parent)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 @torch.no_grad()
-def export_merged(model: nn.Module, tokenizer, path, *, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write the merged model in hub layout to folder `path` (replaced if it exists), bf16 or fp32.
+def export_merged(model: nn.Module, tokenizer, path, *, dtype: torch.dtype = torch.bfloat16,
+                  overwrite: bool = False) -> None:
+    """Write the merged model in hub layout to folder `path`: bf16, f16 or fp32.
 
     Files: config.json, generation_config.json, model.safetensors and (unless tokenizer is None) the
-    tokenizer files. On a tied model whose head has an adapter the export is untied
-    (`tie_word_embeddings: false`, its own `lm_head.weight` = embedding + delta); otherwise a tied
-    model stays tied and `lm_head.weight` is omitted, as in hub checkpoints.
+    tokenizer files. The tie rule is `merged_export_state`'s. The merged weights are checked finite in
+    float32 and again in `dtype` (an f16 overflow is refused); nothing is written then.
+    Written to a temporary sibling folder, fsynced and renamed (see _publish); an existing `path` is
+    replaced only with overwrite=True.
     """
     from safetensors.torch import save_file
 
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"export dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
-    config = model.config
-    head = getattr(model, HEAD, None)
-    tied = bool(config.tie_word_embeddings)
-    untie = tied and isinstance(head, LoRALinear)
-    state = merged_state_dict(model, dtype)
-    if tied and not untie:
-        state.pop(f"{HEAD}.weight", None)
-    state = {k: v.contiguous() for k, v in state.items()}
-    out_config = dataclasses.replace(config, tie_word_embeddings=tied and not untie, torch_dtype=_dtype_name(dtype))
+    check_export_path(path, folder=True, overwrite=overwrite)  # before the work of merging
+    config, state = merged_export_state(model)
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    check_finite(state, _dtype_name(dtype))
+    out_config = dataclasses.replace(config, torch_dtype=_dtype_name(dtype))
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(config, k, None) is not None}
+    if tokenizer is not None and len(tokenizer.stop_ids) > 1:  # stop at the same tokens as the source
+        generation["eos_token_id"] = [tokenizer.eos_id, *sorted(tokenizer.stop_ids - {tokenizer.eos_id})]
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(out_config.to_dict(), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _publish(path, write, folder=True, overwrite=overwrite)
+
+
+@torch.no_grad()
+def export_gguf(model: nn.Module, tokenizer, path, *, quant: str = "f16", name: str = "",
+                overwrite: bool = False) -> None:
+    """Write the merged model as a llama.cpp GGUF file at `path` (f32, f16 or q8_0; see model.gguf.write_gguf).
+
+    Same merge, tie rule and finite checks as export_merged (a tied head with an adapter becomes an
+    `output` tensor, token_embd unchanged); the same temporary sibling, fsync and rename.
+    """
+    from model.gguf import GGUF_QUANTS, write_gguf
+
+    if quant not in GGUF_QUANTS:
+        raise ValueError(f"GGUF quantization must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+    if tokenizer is None:
+        raise ValueError("a GGUF file carries its tokenizer: pass the model's tokenizer")
+    check_export_path(path, folder=False, overwrite=overwrite)
+    config, state = merged_export_state(model)
+    _publish(path, lambda tmp: write_gguf(tmp, config, state, tokenizer, quant=quant, name=name),
+             folder=False, overwrite=overwrite)

@@ -31,6 +31,7 @@ _GGUF_PRE_TOKENIZERS = {
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
 _GGUF_PRE_TOKENIZERS["llama3"] = _GGUF_PRE_TOKENIZERS["llama-v3"] = _GGUF_PRE_TOKENIZERS["llama-bpe"]
+_GGUF_PRE_TOKENIZERS["gpt-2"] = _GGUF_PRE_TOKENIZERS["gpt2"]  # llama.cpp's spelling of GPT-2's split
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are special tokens
 
 
@@ -184,9 +185,11 @@ class Tokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)])
         bos_id, eos_id = field("tokenizer.ggml.bos_token_id", None), field("tokenizer.ggml.eos_token_id")
+        # end-of-turn and end-of-message tokens (Llama 3's <|eot_id|>, <|eom_id|>) stop generation too
+        stops = [field(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in reader.fields]
         template = field("tokenizer.chat_template", None)
         return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=field("tokenizer.ggml.padding_token_id", None),
-                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)), stop_ids=stops,
                    chat_template=template if isinstance(template, str) else None,
                    source=f"{source} (tokenizer.chat_template)")
 
