@@ -363,7 +363,8 @@ def test_non_finite_adapter_is_refused(bases, fmt, name, tmp_path, capsys):
     adapter = nan_adapter(bases["tied"], tmp_path / "adapter", float("nan"))
     out = tmp_path / "out" / name
     code, msg = run_error(["--model", bases["tied"], "--adapter", adapter, "--format", fmt, "--out", out], capsys)
-    assert code == 2 and "adapter_model.safetensors: tensor base_model.model.model.layers.1.mlp.up_proj.lora_B.weight holds NaN" in msg
+    assert code == 2 and ("adapter_model.safetensors: tensor base_model.model.model.layers.1.mlp.up_proj.lora_B.weight holds 1 "
+                                     "non-finite value(s)") in msg
     assert not out.exists() and not out.parent.exists()
 
 
