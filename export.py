@@ -2,7 +2,7 @@
 hub-layout folder (transformers, vLLM, this project) or as a llama.cpp GGUF file (llama.cpp, ollama, LM Studio).
 
     python export.py --model smollm2-360m --adapter runs/x/adapter --format hf --out runs/x/merged
-    python export.py --model smollm2-360m --adapter runs/x/adapter --format hf --dtype f32 --out runs/x/merged-f32
+    python export.py --model smollm2-360m --adapter runs/x/adapter --format hf --dtype bf16 --out runs/x/merged-bf16
     python export.py --model FILE.gguf --adapter runs/x/adapter --format gguf --gguf-quant q8_0 --out runs/x/model.gguf
     python evaluate.py --model runs/x/model.gguf --out runs/x/eval-gguf    # the export scores as model + adapter
 
@@ -13,7 +13,9 @@ embedding is never changed. Without --adapter the base model is converted as it 
 
 Formats:
   hf    folder: config.json (tie_word_embeddings as above, torch_dtype), generation_config.json,
-        model.safetensors, tokenizer.json, tokenizer_config.json; --dtype bf16 (default), f16 or f32
+        model.safetensors, tokenizer.json, tokenizer_config.json; --dtype f32 (default: the merged
+        weights exactly as evaluate.py computes them, so the export scores as base + adapter), bf16 or
+        f16 (half the size; the rounding can change a few greedy answers)
   gguf  one file, architecture llama, with the tokenizer and chat template llama.cpp needs;
         --gguf-quant f16 (default), q8_0 or f32 for the 2-D weights (norms stay f32)
 
@@ -43,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the base the adapter is merged into: none = the dense weights (default); nf4 = the "
                         "dequantized NF4 base of QLoRA training (as evaluate.py --quant nf4)")
     p.add_argument("--format", required=True, choices=("hf", "gguf"), help="hf: hub-layout folder; gguf: llama.cpp file")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="hf only: weights dtype (default bf16)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="hf only: weights dtype (default f32: scores exactly as "
+                                                          "base + adapter; bf16 and f16 are half the size)")
     p.add_argument("--gguf-quant", choices=("f16", "q8_0", "f32"), help="gguf only: type of the 2-D weights "
                                                                           "(default f16)")
     p.add_argument("--out", required=True, help="the folder (hf) or .gguf file (gguf) to write")
@@ -57,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--out {args.out}: a GGUF export's name must end in .gguf (that is how it is recognised when loaded)")
     if args.quant == "nf4" and not args.adapter:
         p.error("--quant nf4 is for merging a QLoRA adapter into its NF4 base: give --adapter too")
-    args.dtype = args.dtype or "bf16"
+    args.dtype = args.dtype or "f32"
     args.gguf_quant = args.gguf_quant or "f16"
     return args
 

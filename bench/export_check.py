@@ -8,14 +8,19 @@ Model: --model (default: the offline SmolLM2-135M-Instruct GGUF). "Ours" is that
 applied unmerged (W x + B A x alpha/r), dense fp32, no NF4. Prompts: eCeLLM's alpaca prompt of the first
 --n rows (default 20) of the file, taken in turn from each task's IND_Diverse_Instruction block.
 
-1. exports written by export.py: hf (fp32), GGUF f16 and Q8_0; for each, the largest |logit difference|
-   over every position of every prompt against ours, read by transformers (hf folder; GGUF through
-   `from_pretrained(dir, gguf_file=...)`), and how often the top-1 token agrees.
-2. with llama-cpp-python installed: llama.cpp's greedy continuation of each prompt on the f16 (and Q8_0)
-   GGUF beside our generator's (model/generate.py, batch 1, the adapter merged as evaluate.py does);
-   a prompt whose outputs differ reports the first differing step and our logit margin there between
-   our token and llama.cpp's (a near-tie is a margin of a few hundredths). Tokens per second: new
-   tokens / wall time of prompt + generation, per engine, same prompts, same --threads.
+1. exports written by export.py: hf (fp32), GGUF f16 and Q8_0, each read by transformers (the folder;
+   GGUF through `from_pretrained(dir, gguf_file=...)`) and by our loader. Largest |logit difference|
+   over every position and vocabulary entry of every prompt against: ours unmerged; ours with the
+   adapter merged into fp32 weights (what evaluate.py runs); that merged model with its 2-D weights
+   rounded to f16 in torch (what an f16 file holds, so a 0 there means the file adds no error of its
+   own). Also how often the top-1 token agrees with ours unmerged.
+2. with llama-cpp-python installed (--llama-cpp f16,q8_0): llama.cpp's greedy continuation of each prompt
+   (exactly --max-new-tokens, EOS does not stop it) beside our generator's (model/generate.py, batch 1,
+   fp32, the adapter merged). Answers (the tokens before the first EOS, what evaluate.py keeps) and whole
+   continuations are compared; where they part, the first differing step and our logit margin there
+   between our token and llama.cpp's (a near-tie is a margin of a few hundredths). Speed per engine,
+   same prompts, same --threads: prompt tokens / time to the first new token, and decode tokens/s over
+   the remaining steps. llama.cpp runs with its defaults otherwise (f16 KV cache).
 Prints a markdown report (and writes it to --out/report.md).
 """
 
@@ -52,7 +57,7 @@ def parse_args(argv=None):
                                                                      "N(0, 0.02^2) on the 7 projections and lm_head")
     p.add_argument("--rows", required=True, help="ECInstruct rows (test_rows_dev.jsonl)")
     p.add_argument("--n", type=int, default=20, help="prompts (default 20)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy steps per prompt (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of both engines (default 1)")
     p.add_argument("--llama-cpp", default="f16,q8_0", help="GGUF types llama.cpp runs (default f16,q8_0)")
     p.add_argument("--out", help="where the exports and report.md go (default: a temporary folder)")

@@ -156,11 +156,13 @@ def test_hf_export_loads_in_transformers(case, tmp_path):
         assert max_diff(theirs(input_ids=IDS).logits, ours(base, adapter)) <= 1e-4
 
 
-def test_hf_export_default_dtype_is_bf16(bases, adapters, tmp_path):
-    out = tmp_path / "merged"
-    assert run("--model", bases["tied"], "--adapter", adapters["tied", "paper"], "--format", "hf", "--out", out) == 0
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert all(t.dtype == torch.bfloat16 for t in load_file(str(out / "model.safetensors")).values())
+def test_hf_export_dtypes(bases, adapters, tmp_path):
+    """f32 by default (the merged weights exactly: the export scores as base + adapter); bf16 on request."""
+    argv = ["--model", bases["tied"], "--adapter", adapters["tied", "paper"], "--format", "hf"]
+    assert run(*argv, "--out", tmp_path / "f32") == 0 and run(*argv, "--dtype", "bf16", "--out", tmp_path / "bf16") == 0
+    for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        assert json.loads((tmp_path / name / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+        assert all(t.dtype == dtype for t in load_file(str(tmp_path / name / "model.safetensors")).values())
 
 
 # ---- GGUF file ------------------------------------------------------------------------------------
