@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from model.config import read_json_object
 from model.gguf import NonFiniteError
 
 from .apply import HEAD, apply_lora, lora_layers, resolve_targets
@@ -113,14 +114,7 @@ def read_adapter_config(path) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{file}: not valid JSON (nested too deeply)") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+    cfg = read_json_object(file)
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
     if missing:
         raise ValueError(f"{file}: missing key(s) {', '.join(missing)}")

@@ -68,3 +68,14 @@ def smollm2(smollm2_gguf):
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (GQA, tied head) in hub layout, written once per session."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests (many small models: threads only add overhead), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -48,12 +48,7 @@ CASES = [("tied", "paper"), ("untied", "paper"), ("tied", "no-head")]
 CASE_IDS = ["tied-paper", "untied-paper", "tied-no-head"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_adapter(base: Path, out: Path, targets: str = "paper", std: float = 0.05, seed: int = 1) -> Path:

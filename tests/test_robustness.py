@@ -43,12 +43,7 @@ IND = "IND_Diverse_Instruction"
 QPR_LABELS = DEFAULT_SAMPLE.with_name("qpr_label.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
