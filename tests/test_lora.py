@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora import (DEFAULT_TARGETS, NO_HEAD_TARGETS, TARGET_PRESETS, LoRALinear, apply_lora, lora_delta, lora_disabled,
                   lora_layers, merge_lora, unmerge_lora)
+from lora.layer import LoRADropoutBranch, keep_mask
 from model import Llama, ModelConfig, count_parameters, generate, load_model
 
 # The paper's Table 1 (eCeLLM recipe: r=16 on the 7 projections + lm_head), and the same without lm_head.
@@ -242,9 +244,64 @@ def test_dropout_only_on_lora_input_and_only_in_training():
     torch.manual_seed(5)
     got = layer(x)
     torch.manual_seed(5)
-    mask = nn.functional.dropout(torch.ones_like(x), p=0.5, training=True)
+    mask = keep_mask(x.shape, 0.5, x.device) / 0.5
     torch.testing.assert_close(got, layer.base(x) + (mask * x) @ layer.lora_A.weight.T @ layer.lora_B.weight.T
                                * layer.scaling, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_branch_equals_plain_form_bitwise(dtype):
+    """Same mask: LoRADropoutBranch's output and its gradients for x, A and B are bitwise those of the plain
+    form lora_B(lora_A(x.to(fp32) * keep / (1 - p))) * scaling under autograd, for a bf16 or fp32 base."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 64, dtype=dtype, requires_grad=True)
+    a, b = torch.randn(8, 64, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    keep, s = keep_mask(x.shape, 0.1, x.device), 1 / 0.9
+    ours = LoRADropoutBranch.apply(x, a, b, keep, s, 2.0)
+    plain = F.linear(F.linear(x.to(torch.float32) * keep * s, a), b) * 2.0
+    g = torch.randn_like(plain)
+    assert torch.equal(ours, plain)
+    for got, want in zip(torch.autograd.grad(ours, (x, a, b), g), torch.autograd.grad(plain, (x, a, b), g)):
+        assert torch.equal(got, want)
+    assert x.grad is None and torch.equal(ours, LoRADropoutBranch.apply(x, a, b, keep, s, 2.0))  # x untouched
+
+
+def test_keep_mask_distribution():
+    """Bernoulli(1 - p) per element: the keep rate within 4 standard errors of 1 - p for several p,
+    no correlation between neighbours (the four lanes of one random word included), and reproducible
+    from torch's seed like nn.Dropout."""
+    n = 1 << 20
+    for p in (0.05, 0.1, 0.5, 0.9):
+        keep = keep_mask((n,), p, "cpu").double()
+        se = (p * (1 - p) / n) ** 0.5
+        assert abs(keep.mean().item() - (1 - p)) < 4 * se, p
+        for lag in (1, 2, 3, 4):  # P(keep_i and keep_i+lag) = (1 - p)^2 when independent
+            both = (keep[:-lag] * keep[lag:]).mean().item()
+            assert abs(both - (1 - p) ** 2) < 4 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5, (p, lag)
+    torch.manual_seed(3)
+    first = keep_mask((7, 9), 0.1, "cpu")
+    torch.manual_seed(3)
+    assert first.dtype == torch.bool and torch.equal(first, keep_mask((7, 9), 0.1, "cpu"))
+    assert not torch.equal(keep_mask((64, 64), 0.5, "cpu"), keep_mask((64, 64), 0.5, "cpu"))
+
+
+def test_dropout_layer_trains_like_plain_dropout():
+    """A LoRALinear with dropout, same seed: its output and gradients equal the plain form with the mask
+    keep_mask draws (so the fused branch changes what is stored, not what is computed)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 32), r=4, alpha=8, dropout=0.1)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 64)
+    torch.manual_seed(9)
+    layer(x).square().sum().backward()
+    got = layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+    layer.zero_grad()
+    torch.manual_seed(9)
+    keep = keep_mask(x.shape, 0.1, x.device)
+    plain = layer.base(x) + layer.lora_B(layer.lora_A(x * keep * (1 / 0.9))) * layer.scaling
+    plain.square().sum().backward()
+    torch.testing.assert_close(got, (layer.lora_A.weight.grad, layer.lora_B.weight.grad), rtol=1e-6, atol=1e-6)
 
 
 def test_dtype_policy_bf16_base():

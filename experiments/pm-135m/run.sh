@@ -8,7 +8,7 @@
 # WORKDIR (default runs/pm-135m) receives rows.jsonl, zero-shot/, train/, finetuned/, decision.md.
 # Environment (defaults in brackets): LR [1e-3], EPOCHS [1], BATCH sequences per step [8], ROWS training rows
 # drawn from the train split [all], MULTITASK=1 adds the other tasks' rows, REPORT where report.py writes
-# [experiments/pm-135m/report], THREADS torch threads [all cores].
+# [experiments/pm-135m/report], THREADS torch threads [all cores], EVAL_EVERY steps between validations [25].
 # Each step is skipped when its output is already there; a stopped training run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +18,7 @@ PY=${PY:-.venv/bin/python}
 LR=${LR:-1e-3}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-8}
+EVAL_EVERY=${EVAL_EVERY:-25}
 REPORT=${REPORT:-experiments/pm-135m/report}
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 GGUF=$($PY -c "from model.gguf import packaged_smollm2; print(packaged_smollm2())")
@@ -45,7 +46,7 @@ $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && DTYPE=bf1
 [ -f "$WORK/train/adapter/adapter_model.safetensors" ] || \
   $PY train.py --model "$GGUF" --dataset "$WORK/rows.jsonl" --tasks "$TASKS" --setting IND_Diverse_Instruction \
     --quant nf4 --dtype "$DTYPE" --batch-size "$BATCH" --epochs "$EPOCHS" --lr "$LR" ${ROWS:+--max-train-rows "$ROWS"} \
-    --micro-batch-tokens 4096 --val-size 1000 --eval-every 25 --save-every 25 --seed 0 --no-progress --log-every 5 \
+    --micro-batch-tokens 4096 --val-size 1000 --eval-every "$EVAL_EVERY" --save-every "$EVAL_EVERY" --seed 0 --no-progress --log-every 5 \
     --out "$WORK/train" --resume auto
 
 # The best adapter, on the NF4 base it was trained on, merged for generation.
