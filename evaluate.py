@@ -274,6 +274,10 @@ def load_for_generation(args):
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
+    if dtype_name == "bfloat16" and not str(device).startswith("cuda"):
+        from model.cpu import compute_dtype
+
+        compute_dtype("bf16", device)   # warns in one line where the CPU has no native bf16
     model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name), device=device)
     if args.adapter:
         from lora import load_adapter, merge_lora
