@@ -13,13 +13,14 @@ and on real ECInstruct prompts with SmolLM2.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import generate, generate_batched, load_model
 
-SAMPLE = __import__('pathlib').Path(__file__).resolve().parents[1] / 'data' / 'sample' / 'ecinstruct_sample.jsonl'
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "ecinstruct_sample.jsonl"
 
 
 def reference_greedy(model, prompt: list[int], *, max_new_tokens: int, stop_ids=()) -> list[int]:
