@@ -14,7 +14,8 @@
 Defaults are the paper's: hub dataset NingLab/ECInstruct, split test, all 10 tasks, settings
 IND_Diverse_Instruction and OOD_Diverse_Instruction, eCeLLM's Alpaca prompt, greedy decoding,
 100 new tokens (eCeLLM samples at temperature 0.15; greedy is its inference_merged.py).
-Generation is batched with the KV cache (model/generate.py), rows sorted by length.
+Generation is continuously batched with the KV cache (model/generate.py): up to --batch-size rows decode
+together, longest prompts first, and a row that finishes makes room for the next at once.
 
 Writes to --out, as one set: the four files are written aside and then replace the previous set
 together, so a failed or killed run leaves the previous set whole (the next run on the folder
@@ -27,10 +28,10 @@ finishes a replacement that a kill interrupted). One evaluate.py per --out at a 
     results.md         this run's scores, then the paper's IND and OOD tables (eCeLLM's baselines and
                        the small-model study) with this run as a new row
     results.png        the same comparison as a bar chart (only when matplotlib is installed)
-    predictions.partial.jsonl  while generating: the rows done so far, saved after each batch. A
-                       run with the same settings (model and adapter files, template, limits,
-                       dtype) resumes from it and generates only the rest; it is removed once the
-                       set is written.
+    predictions.partial.jsonl  while generating: the rows done so far, saved --batch-size finished
+                       rows at a time. A run with the same settings (model and adapter files,
+                       template, limits, dtype) resumes from it and generates only the rest; it
+                       is removed once the set is written.
 Text that UTF-8 cannot encode (a lone surrogate in a model output) is written \\u-escaped.
 
 Query_Product_Rank needs eCeLLM's ESCI labels (--qpr-labels qpr_label.json, indexed by test item);
@@ -92,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "needed to score Query_Product_Rank")
     # Generation
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="prompt template (default alpaca)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoding together (default 16)")
     p.add_argument("--max-new-tokens", default="100", help="N, optionally with per-task limits: '100,SR=4,AG=128' "
                                                            "(default 100)")
     p.add_argument("--cutoff", type=int, default=2048, help="max prompt + answer tokens; longer prompts have their "
@@ -273,6 +274,10 @@ def load_for_generation(args):
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
+    if dtype_name == "bfloat16" and not str(device).startswith("cuda"):
+        from model.cpu import compute_dtype
+
+        compute_dtype("bf16", device)   # warns in one line where the CPU has no native bf16
     model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name), device=device)
     if args.adapter:
         from lora import load_adapter, merge_lora
@@ -330,12 +335,11 @@ def generate_records(args, rows: list[dict]) -> list[dict]:
                 os.fsync(log.fileno())   # a kill loses at most the batch being generated
             return on_batch
 
-        for max_new in sorted(set(limits)):   # one length-sorted pass per new-token limit
-            chosen = [i for i, m in enumerate(limits) if m == max_new and "output" not in records[i]]
-            outputs = generate_batched(model, [prompts[i] for i in chosen], batch_size=args.batch_size,
-                                       max_new_tokens=max_new, stop_ids=sorted(tokenizer.stop_ids),
-                                       pad_id=tokenizer.pad_id, progress=True, on_batch=save(chosen))
-            n_tokens += sum(map(len, outputs))
+        chosen = [i for i in range(len(records)) if "output" not in records[i]]
+        outputs = generate_batched(model, [prompts[i] for i in chosen], batch_size=args.batch_size,
+                                   max_new_tokens=[limits[i] for i in chosen], stop_ids=sorted(tokenizer.stop_ids),
+                                   pad_id=tokenizer.pad_id, progress=True, on_batch=save(chosen))
+        n_tokens += sum(map(len, outputs))
     seconds = time.time() - start
     args.generation = {"seconds": round(seconds, 2), "new_tokens": n_tokens, "rows_resumed": reused,
                        "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 and not reused else None,

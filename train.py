@@ -85,6 +85,7 @@ from data import SETTINGS, DataError, collate, parse_tasks, plan_epoch, read_row
 from data.batching import padding_stats
 from metrics.tasks import ABBREV
 from model import PRESETS, Tokenizer, count_parameters, load_model
+from model.cpu import compute_dtype
 from outdir import FolderBusy, FolderLock, fsync_dir
 
 IGNORE_INDEX = -100
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "base stays in --dtype (default: %(default)s)")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="compute dtype of the frozen base; LoRA weights are always float32. auto: bf16 on a GPU "
-                        "that has it, else fp32 (default: %(default)s)")
+                        "that has it or on a CPU with native bf16 (amx_bf16 or avx512_bf16 in /proc/cpuinfo), "
+                        "else fp32 (default: %(default)s)")
     g.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="recompute each layer in backward to save memory (non-reentrant). auto: on for models of "
                         "1B parameters or more (default: %(default)s)")
@@ -741,10 +743,8 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # auto: bf16 on a GPU that has it or a CPU with native bf16 (cpuinfo flags); bf16 emulated on a CPU warns
+    dtype = compute_dtype(args.dtype, device, warn=None if rank == 0 else (lambda message: None))
     say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out or Path("runs") / model_slug(args.model)).expanduser()
     run_args = {k: v for k, v in vars(args).items()

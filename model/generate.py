@@ -1,17 +1,30 @@
-"""Batched greedy decoding with the KV cache.
+"""Greedy decoding with the KV cache: one static batch (`generate`), or a whole set of prompts with
+continuous batching (`generate_batched`, what evaluate.py runs).
 
-Prompts of different lengths are left-padded; padding is handled by position (an attention mask
-over real tokens, and position ids that count only real tokens), never by token id. Each row stops
-at its first stop token (EOS); the batch stops when every row has stopped or after max_new_tokens.
+`generate`: prompts of different lengths are left-padded; padding is handled by position (an
+attention mask over real tokens, and position ids that count only real tokens), never by token id.
+Each row stops at its first stop token (EOS); the batch stops when every row has stopped or after
+max_new_tokens.
+
+`generate_batched`: `batch_size` slots, each holding one sequence in its own row of a `SlotCache`
+(stored from position 0, no padding). Every decode step runs one token of every occupied slot, at
+that row's own position, attending to that row's own cached length. A row that stops frees its slot
+at once; the next waiting prompts (sorted longest first, so those prefilled together are of nearly
+one length) are prefilled together, right-padded under the causal mask, straight into the freed
+slots. When nothing waits any more, the last occupied slots move into the holes, so a step only
+ever runs the rows still generating. Rows never wait for the longest answer of their batch.
+The positions and the attention each token sees are those of `generate` and of an unpadded
+one-row decode, so the greedy ids are the same (up to float rounding in the matrix products).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 import torch
 
-from .llama import KVCache, Llama
+from .llama import KVCache, Llama, rope_cos_sin, rope_inv_freq
 
 
 @torch.inference_mode()
@@ -51,27 +64,173 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     return [[t for t in row if t >= 0] for row in rows]
 
 
-def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_size: int = 16,
-                     max_new_tokens: int = 100, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                     progress: bool = False, on_batch=None) -> list[list[int]]:
-    """`generate` over many prompts: sorted by length so batches pad little; results in input order.
+class SlotCache:
+    """Keys and values of `slots` independent sequences: (layers, slots, n_kv, max_len, hd) each.
 
-    on_batch(indices, outputs), when given, is called after each batch with the positions (in
-    `prompts`) it generated and their outputs, e.g. to save them as they come.
+    Each slot holds one sequence from position 0. Two modes, set by the generator before a forward:
+    prefill(slots): the forward's rows are new sequences written to these slots at positions 0..T-1,
+    attending only to themselves (causal); decode(rows, write_at): the forward holds one token of
+    each of slots 0..rows-1, written at write_at (rows,), and attends to that slot's keys 0..write_at.
+    """
+
+    def __init__(self, config, slots: int, max_len: int, dtype, device):
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.arange = torch.arange(slots, device=device)
+        self.target = self.write_at = None
+        self.rows = self.span = 0
+
+    def prefill(self, target: torch.Tensor):
+        self.target = target
+
+    def decode(self, rows: int, write_at: torch.Tensor, span: int):
+        self.target, self.rows, self.write_at, self.span = None, rows, write_at, span
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.target is not None:                                          # prefill: k (n, n_kv, T, hd)
+            T = k.shape[2]
+            self.k[layer, self.target, :, :T] = k
+            self.v[layer, self.target, :, :T] = v
+            return k, v
+        n, at = self.rows, self.write_at                                     # decode: k (n, n_kv, 1, hd)
+        kb, vb = self.k[layer, :n], self.v[layer, :n]                        # views of the occupied slots
+        kb[self.arange[:n], :, at] = k[:, :, 0]
+        vb[self.arange[:n], :, at] = v[:, :, 0]
+        return kb[:, :, :self.span], vb[:, :, :self.span]
+
+    def move(self, src: int, dst: int, length: int):
+        """Copy slot src's first `length` positions to slot dst (every layer)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+def _hidden(model: Llama, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
+    """The decoder stack on ids (B, T) with rope tables and mask already made: final normed hidden (B, T, H)."""
+    x = model.model.embed_tokens(ids)
+    for block in model.model.layers:
+        x = block(x, cos, sin, mask, cache)
+    return model.model.norm(x)
+
+
+@torch.inference_mode()
+def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_size: int = 16,
+                     max_new_tokens: int | Sequence[int] = 100, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                     progress: bool = False, on_batch=None) -> list[list[int]]:
+    """Greedy continuations of many prompts with continuous batching; results in input order.
+
+    max_new_tokens: one limit for all, or one per prompt. At most `batch_size` rows decode together.
+    Prompts are taken longest first (ties in input order). on_batch(indices, outputs), when given, is
+    called with the positions (in `prompts`) of finished rows and their outputs, `batch_size` rows at
+    a time (the rest at the end), e.g. to save them as they come. pad_id fills the right padding of
+    a prefill; it is never attended to.
     """
     from tqdm import tqdm
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    n = len(prompts)
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    if len(limits) != n:
+        raise ValueError(f"{len(limits)} max_new_tokens for {n} prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     results: list[list[int]] = [[] for _ in prompts]
-    bar = tqdm(total=len(prompts), desc="generate", unit="row", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outputs = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                           stop_ids=stop_ids, pad_id=pad_id)
-        for i, out in zip(chunk, outputs):
-            results[i] = out
-        if on_batch is not None:
-            on_batch(chunk, outputs)
-        bar.update(len(chunk))
+    bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
+    finished: list[int] = []   # rows done but not yet passed to on_batch
+
+    def finish(i: int | None = None):
+        """Row i is done; pass finished rows on, batch_size at a time (all that are left when i is None)."""
+        if i is not None:
+            finished.append(i)
+            bar.update(1)
+        while finished and (len(finished) >= batch_size or i is None):
+            chunk, finished[:] = finished[:batch_size], finished[batch_size:]
+            if on_batch is not None:
+                on_batch(chunk, [results[j] for j in chunk])
+
+    waiting = deque(i for i in sorted(range(n), key=lambda i: -len(prompts[i])) if limits[i] > 0)
+    for i in range(n):
+        if limits[i] <= 0:
+            finish(i)
+    if not waiting:
+        finish()
+        bar.close()
+        return results
+
+    device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else next(model.parameters()).device
+    dtype = model.model.embed_tokens.weight.dtype
+    slots = min(batch_size, len(waiting))
+    max_len = max(len(prompts[i]) + limits[i] for i in waiting)
+    cache = SlotCache(model.config, slots, max_len, dtype, device)
+    # RoPE angles of every position, once (the same float32 products rope_cos_sin forms per call)
+    cos_table, sin_table = rope_cos_sin(rope_inv_freq(model.config, device),
+                                        torch.arange(max_len, device=device)[None], dtype)
+    cos_table, sin_table = cos_table[0], sin_table[0]                         # (max_len, hd)
+    stops = set(stop_ids)
+    row_of: list[int] = [-1] * slots       # prompt index held by each slot (-1: free)
+    pos: list[int] = [0] * slots           # per slot: where its next fed token goes (= tokens cached)
+    tokens = torch.zeros(slots, dtype=torch.long, device=device)            # per slot: the token to feed next
+    occupied = 0                           # slots 0..occupied-1 hold rows, some possibly just finished
+
+    def take(slot: int, token: int) -> bool:
+        """Record a row's new token; True if the row goes on (its slot then feeds `token`)."""
+        i = row_of[slot]
+        if token in stops:
+            done = True
+        else:
+            results[i].append(token)
+            done = len(results[i]) >= limits[i]
+        if done:
+            row_of[slot] = -1
+            finish(i)
+        return not done
+
+    while True:
+        # 1. waiting prompts into the free slots, prefilled together (right-padded, causal)
+        while waiting and (occupied < slots or -1 in row_of[:occupied]):
+            free = [s for s in range(occupied) if row_of[s] < 0] + list(range(occupied, slots))
+            new = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+            free = free[:len(new)]
+            lengths = [len(prompts[i]) for i in new]
+            T = max(lengths)
+            ids = torch.full((len(new), T), pad_id, dtype=torch.long)
+            for r, i in enumerate(new):
+                ids[r, :lengths[r]] = torch.as_tensor(prompts[i], dtype=torch.long)
+            target = torch.tensor(free, device=device)
+            cache.prefill(target)
+            hidden = _hidden(model, ids.to(device), cos_table[None, :T], sin_table[None, :T], None, cache)
+            last = hidden[torch.arange(len(new), device=device), torch.tensor(lengths, device=device) - 1]
+            first = model.lm_head(last).argmax(-1)                            # (len(new),)
+            tokens[target] = first
+            occupied = max(occupied, max(free) + 1)
+            for s, i, L, t in zip(free, new, lengths, first.tolist()):
+                row_of[s], pos[s] = i, L
+                take(s, t)
+        # 2. nothing waits: close the holes by moving the last occupied slots into them
+        s = 0
+        while True:
+            while occupied and row_of[occupied - 1] < 0:
+                occupied -= 1
+            if s >= occupied:
+                break
+            if row_of[s] < 0:   # a hole below the last occupied slot: that slot moves into it
+                last = occupied - 1
+                cache.move(last, s, pos[last])
+                row_of[s], pos[s], row_of[last] = row_of[last], pos[last], -1
+                tokens[s] = tokens[last]
+            s += 1
+        if occupied == 0:
+            break
+        # 3. one decode step of slots 0..occupied-1, each at its own position
+        m = occupied
+        at = torch.tensor(pos[:m], device=device)                            # (m,)
+        span = max(pos[:m]) + 1
+        mask = (torch.arange(span, device=device)[None, :] <= at[:, None])[:, None, None, :]   # (m, 1, 1, span)
+        cache.decode(m, at, span)
+        hidden = _hidden(model, tokens[:m, None], cos_table[at][:, None], sin_table[at][:, None], mask, cache)
+        tokens[:m] = model.lm_head(hidden[:, -1]).argmax(-1)
+        for s, t in enumerate(tokens[:m].tolist()):
+            pos[s] += 1
+            take(s, t)
+    finish()
     bar.close()
     return results

@@ -4,17 +4,23 @@ Reference decoder: no cache and no padding; every step re-runs the whole sequenc
 the network and takes the argmax of the last position. `generate` / `generate_batched` must give
 exactly the same ids for every prompt, at batch sizes 1 and 16, on the tiny random model and on
 the real SmolLM2-135M; and the same ids as transformers' `generate` (greedy, left padding) on a
-tiny model converted to `LlamaForCausalLM`.
+tiny model converted to `LlamaForCausalLM`. `generate_batched` (continuous batching: rows leave
+and join the batch at every step) must also give the ids of the static path it replaced (sorted
+chunks of `batch_size` through `generate`), on many stop points, per-row limits and batch sizes,
+and on real ECInstruct prompts with SmolLM2.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import generate, generate_batched, load_model
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "ecinstruct_sample.jsonl"
 
 
 def reference_greedy(model, prompt: list[int], *, max_new_tokens: int, stop_ids=()) -> list[int]:
@@ -114,3 +120,75 @@ def test_tiny_matches_transformers_generate(tiny_dir):
     expected = out[:, L:].tolist()
     assert generate(model, prompts, max_new_tokens=20, stop_ids=(), pad_id=pad) == expected
     assert generate_batched(model, prompts, batch_size=3, max_new_tokens=20, pad_id=pad) == expected
+
+
+def static_batched(model, prompts, *, batch_size, max_new_tokens, stop_ids=(), pad_id=0):
+    """The generator evaluate.py ran before continuous batching: longest first, chunks of batch_size
+    through `generate`, each chunk running until its last row stops."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    out = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, o in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
+                                        stop_ids=stop_ids, pad_id=pad_id)):
+            out[i] = o
+    return out
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """The tiny architecture with weights of std 0.2: its greedy answers vary token to token (at the tiny
+    checkpoint's std 0.02 every answer repeats one token, which would hide a mixed-up cache row)."""
+    from model import Llama, ModelConfig
+    from tiny import TINY
+
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, TINY["vocab_size"]) for _ in range(rng.randint(1, 60))] for _ in range(30)]
+    return model, prompts
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 40])
+def test_continuous_batching_matches_the_static_path(lively, batch_size):
+    """30 prompts and stops that end rows at many different steps: rows leave, join and move between slots."""
+    model, prompts = lively
+    free = [reference_greedy(model, p, max_new_tokens=10) for p in prompts[:8]]
+    stops = {free[k][k + 1] for k in range(8)}
+    expected = static_batched(model, prompts, batch_size=batch_size, max_new_tokens=10, stop_ids=stops)
+    assert len({len(e) for e in expected}) >= 4, "rows should stop at many different steps"
+    assert generate_batched(model, prompts, batch_size=batch_size, max_new_tokens=10, stop_ids=stops) == expected
+
+
+def test_continuous_batching_per_row_limits_and_on_batch(lively):
+    model, prompts = lively
+    prompts = prompts[:12]
+    limits = [0, 1, 2, 9, 4, 1, 7, 3, 9, 0, 5, 6]
+    expected = [reference_greedy(model, p, max_new_tokens=m) for p, m in zip(prompts, limits)]
+    calls = []
+    got = generate_batched(model, prompts, batch_size=4, max_new_tokens=limits, pad_id=5,
+                           on_batch=lambda idx, outs: calls.append((list(idx), list(outs))))
+    assert got == expected
+    assert [len(idx) for idx, _ in calls] == [4, 4, 4]          # batch_size rows per call
+    assert sorted(i for idx, _ in calls for i in idx) == list(range(12))
+    assert all(outs == [expected[i] for i in idx] for idx, outs in calls)
+    with pytest.raises(ValueError):
+        generate_batched(model, prompts, max_new_tokens=[1, 2])
+
+
+def test_continuous_batching_smollm2_real_prompts(smollm2):
+    """Real ECInstruct prompts (the sample), real weights: the same greedy answers as the static path."""
+    from data import load_rows, render_prompt
+
+    model, tokenizer = smollm2
+    rows = load_rows(SAMPLE, split=None, tasks="all", settings=None)
+    rows = sorted(rows, key=lambda r: (r["task"], r["index"]))[::max(1, len(rows) // 10)][:10]
+    prompts = [tokenizer.encode(render_prompt(r, "alpaca", tokenizer), bos=True) for r in rows]
+    stops = sorted(tokenizer.stop_ids)
+    expected = static_batched(model, prompts, batch_size=4, max_new_tokens=12, stop_ids=stops,
+                              pad_id=tokenizer.pad_id)
+    got = generate_batched(model, prompts, batch_size=4, max_new_tokens=12, stop_ids=stops, pad_id=tokenizer.pad_id)
+    assert got == expected

@@ -1,0 +1,36 @@
+"""model/cpu.py: the compute dtype follows the CPU's bf16 flags, not get_cpu_capability()."""
+
+from __future__ import annotations
+
+import torch
+
+from model.cpu import compute_dtype, cpu_flags, cpu_native_bf16
+
+EPYC = frozenset("fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni".split())   # AVX512 but no bf16
+SAPPHIRE = EPYC | {"amx_bf16", "amx_tile", "avx512_bf16"}
+
+
+def test_flags_decide_bf16():
+    assert not cpu_native_bf16(EPYC)
+    assert cpu_native_bf16(SAPPHIRE) and cpu_native_bf16(EPYC | {"avx512_bf16"}) and cpu_native_bf16({"amx_bf16"})
+    assert isinstance(cpu_flags(), frozenset)
+
+
+def test_auto_and_explicit_requests_on_cpu():
+    said = []
+    assert compute_dtype("auto", "cpu", flags=EPYC, warn=said.append) == torch.float32
+    assert compute_dtype("auto", "cpu", flags=SAPPHIRE, warn=said.append) == torch.bfloat16
+    assert compute_dtype("fp32", "cpu", flags=SAPPHIRE, warn=said.append) == torch.float32
+    assert compute_dtype("bf16", "cpu", flags=SAPPHIRE, warn=said.append) == torch.bfloat16 and said == []
+    assert compute_dtype("bf16", "cpu", flags=EPYC, warn=said.append) == torch.bfloat16   # kept, but said once
+    assert len(said) == 1 and "\n" not in said[0] and "bf16" in said[0]
+
+
+def test_train_uses_it(tmp_path, capsys):
+    import train
+
+    args = ["--model", "smollm2-135m", "--dtype", "auto", "--out", str(tmp_path / "run"), "--print-config"]
+    assert train.main(args) == 0
+    config = __import__("json").loads(capsys.readouterr().out)
+    expected = compute_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    assert config["dtype"] == str(expected).removeprefix("torch.")
