@@ -160,48 +160,62 @@ def read_adapter_weights(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: unreadable safetensors file ({e})") from None
 
 
+def _adapter_shapes(model: nn.Module, targets: list[str], r: int) -> dict[str, tuple[int, int]]:
+    """PEFT tensor name -> shape of the adapter apply_lora(targets, r) would give `model` (not changed)."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) or is_nf4(m)) and any(n == name or name.endswith("." + n) for n in targets):
+            shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, m.in_features)
+            shapes[f"{PREFIX}{name}.lora_B.weight"] = (m.out_features, r)
+    return shapes
+
+
 @torch.no_grad()
-def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, quantize: str | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Load a PEFT-format LoRA adapter from folder `path` into `model` (in place; returns it).
 
-    A model without LoRA gets it first: apply_lora with the file's r, lora_alpha, lora_dropout and
-    target_modules, and `quantize`. Then every tensor name and shape is checked both ways against the
-    model before anything is copied (the error names the tensor and both shapes). The copy of the head's
-    weight that peft saves beside a head adapter (`lm_head.base_layer.weight`) must equal the model's.
-    A tensor holding nan or inf is refused (save_adapter never writes one).
+    Every check comes before any change, so a refused adapter leaves the model exactly as it was
+    (no LoRA layer added, no layer quantized): the config, then every tensor name and shape both ways
+    against the layers the model has (or would have, with the file's r and target_modules), then
+    dtypes and finiteness. The copy of the head's weight that peft saves beside a head adapter
+    (`lm_head.base_layer.weight`) must equal the model's. Only then does a model without LoRA get it
+    (apply_lora with the file's r, lora_alpha, lora_dropout, target_modules, and `quantize`,
+    `compute_dtype`), and the tensors are copied in.
     """
     cfg = read_adapter_config(path)
     tensors = read_adapter_weights(path)
+    file = Path(path) / WEIGHTS_NAME
     layers = lora_layers(model)
     if not layers:
         try:
-            resolve_targets(model, cfg["target_modules"])
+            targets = resolve_targets(model, cfg["target_modules"])
         except ValueError as e:
             raise ValueError(f"{Path(path) / CONFIG_NAME}: target_modules: {e}") from None
-        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-                   targets=cfg["target_modules"], quantize=quantize)
-        layers = lora_layers(model)
+        expected = _adapter_shapes(model, targets, cfg["r"])
+        head = model.get_submodule(HEAD) if HEAD in targets and hasattr(model, HEAD) else None
+        head_weight = None if head is None else head.weight.detach()
     else:
         first = next(iter(layers.values()))
         if (first.r, first.alpha) != (cfg["r"], cfg["lora_alpha"]):
             raise ValueError(f"{Path(path) / CONFIG_NAME}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, but the model's "
                              f"LoRA layers have r={first.r}, alpha={first.alpha}")
-    if any(layer.merged for layer in layers.values()):
-        raise RuntimeError("the model's adapters are merged: call unmerge_lora(model) before loading an adapter")
-    own = {k: v for k, v in lora_state_dict(model).items()}
-    file = Path(path) / WEIGHTS_NAME
+        if any(layer.merged for layer in layers.values()):
+            raise RuntimeError("the model's adapters are merged: call unmerge_lora(model) before loading an adapter")
+        expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+        head_weight = layers[HEAD].base_weight() if HEAD in layers else None
     head_copy = f"{PREFIX}{HEAD}.base_layer.weight"
-    if head_copy in tensors and HEAD in layers:
+    if head_copy in tensors and head_weight is not None:
         # peft saves the head's whole weight beside a head adapter (save_embedding_layers="auto"):
         # accepted only when it is this model's head weight (compared in the lower of the two precisions)
-        saved, w = tensors.pop(head_copy), layers[HEAD].base_weight()
+        saved, w = tensors.pop(head_copy), head_weight
         low = saved.dtype if saved.element_size() < w.element_size() else w.dtype
         if saved.shape != w.shape or not torch.equal(saved.to(low), w.to(low)):
             raise ValueError(f"{file}: tensor {head_copy} (shape {tuple(saved.shape)}) is a copy of the output head's "
                              f"weight that differs from this model's lm_head weight (shape {tuple(w.shape)}): the "
                              "adapter was saved for another base model")
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -209,17 +223,20 @@ def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.M
         if unexpected:
             parts.append(f"{len(unexpected)} tensor(s) the model has no layer for, e.g. {', '.join(unexpected[:3])}")
         raise ValueError(f"{file} does not fit this model: " + "; ".join(parts))
-    for key, param in own.items():
-        if tensors[key].shape != param.shape:
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, but this model's layer "
-                             f"expects {tuple(param.shape)}: the adapter was saved for another base model")
+                             f"expects {shape}: the adapter was saved for another base model")
         if not tensors[key].is_floating_point():
             raise ValueError(f"{file}: tensor {key} has dtype {tensors[key].dtype}; a floating-point tensor is expected")
         bad = int((~torch.isfinite(tensors[key])).sum())
         if bad:   # one nan in B makes every logit nan
             raise ValueError(f"{file}: tensor {key} holds {bad} non-finite value(s) (nan or inf): the adapter is "
                              "damaged (saved from a diverged run?)")
-    for key, param in own.items():
+    if not layers:   # everything checked: only now does the model change
+        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                   targets=cfg["target_modules"], quantize=quantize, compute_dtype=compute_dtype)
+    for key, param in lora_state_dict(model).items():
         param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
     return model
 
