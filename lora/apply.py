@@ -108,7 +108,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
     # Every layer to change, and every check, before the first change: a refusal leaves the model as it was.
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_nf4(m)]
     names = [n for n in names if any(_matches(n, t) for t in targets) or (quantize is not None and _leaf(n) != HEAD)]
-    to_quantize = [n for n in names if quantize == "nf4" and _leaf(n) != HEAD and isinstance(model.get_submodule(n), nn.Linear)]
+    to_quantize = [n for n in names if quantize == "nf4" and _leaf(n) != HEAD and not is_nf4(model.get_submodule(n))]
     if to_quantize:
         check_quantizable([model.get_submodule(n) for n in to_quantize])
 
