@@ -12,6 +12,16 @@ model.safetensors, tokenizer files; every adapter folded in (W + B @ A * alpha/r
 NF4 bases dequantized first. A tied model whose head has an adapter is exported untied
 (`tie_word_embeddings: false` and its own `lm_head.weight`): the embedding is written unchanged.
 The same merged weights also go to a llama.cpp GGUF file (export_gguf, model/gguf.py's writer).
+The base an adapter was trained on is recorded beside it in `base.json` (a file of its own: peft
+refuses unknown keys in adapter_config.json):
+    base_model        the base's hub id, or null for a local checkpoint
+    base_checkpoint   what was loaded: an alias, a hub id, a file or folder as given, or a description
+    quantization      null (a dense base) or {"method": "nf4", "double_quantization": true,
+                      "blocksize": 64, "quantized_from": <dtype the dense weights had>}
+    compute_dtype     the dtype the base computed in ("float32", "bfloat16")
+    base_fingerprint  sha256 of the shape and of 256 embedding rows in bfloat16 (base_fingerprint()):
+                      the same checkpoint gives the same value in any dtype, another one does not
+and any other keys a writer adds (train.py: nothing else; publish.py: the data and the recipe).
 Adapter files are written to a temporary name and renamed into place; an export is written to a
 temporary sibling of its path, fsynced and renamed, so a crash never leaves a torn file or a
 half-written export under the path. A merged weight that is not finite is refused.
@@ -38,7 +48,8 @@ from .layer import LoRALinear
 from .nf4 import dequantize_nf4, is_nf4
 
 PREFIX = "base_model.model."
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME, BASE_NAME = "adapter_config.json", "adapter_model.safetensors", "base.json"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -86,8 +97,68 @@ def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> di
     }
 
 
-def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into folder `path`.
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's layer shapes and of 256 evenly spaced rows of its token
+    embedding cast to bfloat16: equal for one checkpoint loaded in any dtype, different for another."""
+    import hashlib
+
+    c = model.config
+    shape = [c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+             c.intermediate_size, c.vocab_size, bool(c.tie_word_embeddings)]
+    embedding = model.model.embed_tokens.weight
+    rows = torch.linspace(0, embedding.shape[0] - 1, min(256, embedding.shape[0])).long()
+    sample = embedding.detach()[rows.to(embedding.device)].to(torch.bfloat16).cpu().contiguous()
+    digest = hashlib.sha256(json.dumps(shape).encode())
+    digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_record(*, base_model: str | None, base_checkpoint: str, quantization: str | None, dtype: torch.dtype | str,
+                compute_dtype: torch.dtype | str, fingerprint: str | None = None, **extra) -> dict:
+    """The base.json record (see the module docstring): `dtype` is the one the base weights were loaded
+    in (and quantized from), `quantization` None or "nf4"."""
+    name = lambda d: str(d).removeprefix("torch.")
+    if quantization not in (None, "nf4"):
+        raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
+    quant = {"method": "nf4", "double_quantization": True, "blocksize": 64,
+             "quantized_from": name(dtype)} if quantization == "nf4" else None
+    record = {"base_model": base_model, "base_checkpoint": base_checkpoint, "quantization": quant,
+              "compute_dtype": name(compute_dtype)}
+    if fingerprint is not None:
+        record["base_fingerprint"] = fingerprint
+    return {**record, **extra}
+
+
+def write_base_record(path, record: dict) -> None:
+    """base.json in adapter folder `path`, written atomically."""
+    _write_atomic(Path(path) / BASE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def read_base_record(path) -> dict | None:
+    """base.json of adapter folder `path`, checked (one line naming the field when malformed), or None
+    when the adapter has none (saved before records existed, or by another tool)."""
+    file = Path(path) / BASE_NAME
+    if not file.is_file():
+        return None
+    record = read_json_object(file)
+    quant = record.get("quantization")
+    if quant is not None and (not isinstance(quant, dict) or quant.get("method") != "nf4"
+                              or quant.get("quantized_from") not in DTYPE_NAMES):
+        raise ValueError(f"{file}: quantization must be null or {{\"method\": \"nf4\", \"quantized_from\": "
+                         f"one of {', '.join(DTYPE_NAMES)}, ...}}, got {quant!r}")
+    if record.get("compute_dtype") not in DTYPE_NAMES:
+        raise ValueError(f"{file}: compute_dtype must be one of {', '.join(DTYPE_NAMES)}, got "
+                         f"{record.get('compute_dtype')!r}")
+    for key in ("base_model", "base_checkpoint", "base_fingerprint"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{file}: {key} must be a string or null, got {record[key]!r}")
+    return record
+
+
+def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None = None,
+                 base: dict | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into folder `path`,
+    and base.json when `base` (a base_record) is given.
 
     `base_model_name_or_path` defaults to the model's hub id when it has one (never a local path).
     Other files in the folder (e.g. training_args.json) are left alone. An adapter holding nan or inf
@@ -107,6 +178,8 @@ def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None 
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    if base is not None:
+        write_base_record(path, base)
 
 
 def read_adapter_config(path) -> dict:

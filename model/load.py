@@ -53,16 +53,18 @@ def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from .hub import why_offline
+
+    offline = why_offline()   # asked first: huggingface_hub would retry for ~25 s without network
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline is not None))
     except GatedRepoError:
         raise RuntimeError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}, then log in "
                            "with `huggingface-cli login` (or set HF_TOKEN) and run again") from None
     except RepositoryNotFoundError:
         raise RuntimeError(f"{repo_id} was not found on the hub (check the spelling, or log in if it is private)") from None
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        why = offline or "the hub could not be reached"
         raise RuntimeError(f"{repo_id} is not in the local cache and {why}: download it on a connected machine "
                            "(`huggingface-cli download ...`) or pass a local folder or .gguf file") from None
     except OSError as e:  # connection errors surface as OSError subclasses
