@@ -2,8 +2,9 @@
 
     # the base model zero-shot: the baseline every fine-tuned result is compared with
     python evaluate.py --model smollm2-360m --out runs/eval/smollm2-360m
-    # a fine-tuned adapter (merged into the base for speed), or a merged export passed as --model
-    python evaluate.py --model smollm2-360m --adapter runs/x/adapter --out runs/x/eval
+    # a fine-tuned adapter (merged into the base for speed), or a merged export passed as --model; the
+    # adapter's base.json (train.py writes it) gives --model, --quant and --dtype: the base it was trained on
+    python evaluate.py --adapter runs/x/adapter --out runs/x/eval
     # offline, on the in-repo sample, with the offline F_BERT encoder (a proxy for roberta-large)
     python evaluate.py --model <model.gguf> --dataset data/sample/ecinstruct_sample.jsonl \\
         --qpr-labels qpr_label.json --bertscore-model minilm --out runs/eval/sample

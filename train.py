@@ -41,6 +41,9 @@ carries train_run.json, the marker train.py writes there: never a model folder's
                            last --keep-last are kept.
   best/                    the adapter with the lowest validation loss (+ best.json)
   adapter/                 the adapter after the last step
+Every adapter folder also holds base.json, the base it was trained on (lora.io: the --model given, NF4 or
+not, the dtype it was quantized from, the compute dtype, a fingerprint of the weights): evaluate.py and
+export.py take their defaults from it. A resume refuses another dtype, quantization or validation set.
   loss_curve.png           when matplotlib is installed
 
 Divergence stops the run like a NaN does, before the update: a non-finite loss or gradient, an
