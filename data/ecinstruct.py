@@ -24,7 +24,6 @@ rows, or JSON Lines (the hub file has been published in more than one shape).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
