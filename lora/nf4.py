@@ -39,26 +39,36 @@ def is_nf4(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def check_quantizable(linears: list[nn.Linear]) -> None:
+    """Raise ValueError (or ImportError without bitsandbytes) unless every layer can be quantized to NF4
+    here; apply_lora calls it for all its layers before it changes any."""
+    import bitsandbytes  # noqa: F401  (a missing package is found before any layer changes)
+
+    for linear in linears:
+        weight = linear.weight
+        if weight.device.type == "meta":
+            raise ValueError("quantize='nf4' needs real weights, but the model is on the meta device: load the "
+                             "weights first (apply_lora works on meta models only with quantize=None)")
+        if not weight.is_floating_point():
+            raise ValueError(f"cannot quantize a {weight.dtype} weight to NF4 (float32, bfloat16 or float16 expected)")
+        if weight.device.type == "cpu" and linear.in_features % BLOCKSIZE:
+            # bitsandbytes' CPU kernels quantize row by row: a block that would straddle two rows comes back
+            # with about 25% error instead of NF4's 9% (every real preset has in_features divisible by 64).
+            raise ValueError(f"cannot quantize a Linear with in_features={linear.in_features} to NF4 on the CPU: "
+                             f"bitsandbytes' CPU kernels need in_features divisible by {BLOCKSIZE}; use quantize=None "
+                             f"or a CUDA device")
+
+
 def quantize_nf4(linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A frozen `bnb.nn.Linear4bit` holding `linear`'s weight in NF4 with double quantization.
 
     The weight is quantized on the device it lives on; the dense weight is released once the
-    caller drops `linear`. The bias (if any) is kept as a frozen full-precision Parameter.
+    caller drops `linear` (or sets `linear.weight = None`). The bias (if any) is kept as a frozen full-precision Parameter.
     """
     import bitsandbytes as bnb
 
+    check_quantizable([linear])
     weight = linear.weight
-    if weight.device.type == "meta":
-        raise ValueError("quantize='nf4' needs real weights, but the model is on the meta device: load the "
-                         "weights first (apply_lora works on meta models only with quantize=None)")
-    if not weight.is_floating_point():
-        raise ValueError(f"cannot quantize a {weight.dtype} weight to NF4 (float32, bfloat16 or float16 expected)")
-    if weight.device.type == "cpu" and linear.in_features % BLOCKSIZE:
-        # bitsandbytes' CPU kernels quantize row by row: a block that would straddle two rows comes back
-        # with about 25% error instead of NF4's 9% (every real preset has in_features divisible by 64).
-        raise ValueError(f"cannot quantize a Linear with in_features={linear.in_features} to NF4 on the CPU: "
-                         f"bitsandbytes' CPU kernels need in_features divisible by {BLOCKSIZE}; use quantize=None "
-                         f"or a CUDA device")
     # Built on meta so that no dense random weight is allocated and then thrown away.
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")

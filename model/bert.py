@@ -308,10 +308,13 @@ def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
+    from .hub import why_offline
+
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=str(path_or_hub_id), allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(repo_id=str(path_or_hub_id), allow_patterns=CHECKPOINT_FILES,
+                                      local_files_only=why_offline() is not None))
     except Exception as error:
         raise OSError(
             f"cannot fetch {str(path_or_hub_id)!r} from the hub ({type(error).__name__}: {error}). "

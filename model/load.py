@@ -3,14 +3,22 @@
 Only safetensors and GGUF are read: never pickle, never remote code. The network is built on the
 meta device and the checkpoint's tensors are assigned into it, so weights are never held twice;
 every key and shape is checked both ways before anything is assigned.
+
+`load_model(..., quantize_linear=f)` builds a quantized base (QLoRA) without ever holding the dense
+one: the tensors of a hub-layout folder are read one at a time, and each linear layer but lm_head
+goes through f (e.g. lora.quantize_nf4) as soon as its weight is in, its dense weight then dropped.
+Peak memory: the quantized model plus one dense tensor (a GGUF file is dequantized whole first).
+`model/` knows nothing of the quantization: f is any nn.Linear -> nn.Module.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from .config import PRESETS, ModelConfig, read_json_object
 from .llama import Llama
@@ -45,16 +53,18 @@ def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from .hub import why_offline
+
+    offline = why_offline()   # asked first: huggingface_hub would retry for ~25 s without network
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline is not None))
     except GatedRepoError:
         raise RuntimeError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}, then log in "
                            "with `huggingface-cli login` (or set HF_TOKEN) and run again") from None
     except RepositoryNotFoundError:
         raise RuntimeError(f"{repo_id} was not found on the hub (check the spelling, or log in if it is private)") from None
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        why = offline or "the hub could not be reached"
         raise RuntimeError(f"{repo_id} is not in the local cache and {why}: download it on a connected machine "
                            "(`huggingface-cli download ...`) or pass a local folder or .gguf file") from None
     except OSError as e:  # connection errors surface as OSError subclasses
@@ -104,32 +114,108 @@ def read_safetensors(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device) -> Llama:
-    """Build on the meta device, check keys and shapes both ways, then assign the tensors."""
+class SafetensorsFolder:
+    """The tensors of a hub-layout folder read one at a time: names and shapes come from the file
+    headers, `pop(name)` reads one tensor (a file is opened for that tensor only, so the pages read
+    are let go with it)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import SafetensorError, safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = shard_files(index)
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                                    "(only safetensors checkpoints are read, never pickle files)")
+        self.file: dict[str, Path] = {}
+        self.shape: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            try:
+                with safe_open(str(folder / name), framework="pt") as f:
+                    for key in f.keys():
+                        self.file[key] = folder / name
+                        self.shape[key] = tuple(f.get_slice(key).get_shape())
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{folder / name}: unreadable safetensors file ({e}); it may be truncated, "
+                                 "download it again") from None
+
+    def keys(self):
+        return self.shape.keys()
+
+    def pop(self, key: str, default=None):
+        from safetensors import SafetensorError, safe_open
+
+        if key not in self.file:
+            return default
+        file = self.file.pop(key)
+        self.shape.pop(key)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key).clone()   # its own memory, not the file's pages
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: unreadable tensor {key} ({e}); the file may be truncated, download it "
+                             "again") from None
+
+
+def build_model(config: ModelConfig, state, *, dtype: torch.dtype, device,
+                quantize_linear: Callable[[nn.Linear], nn.Module] | None = None) -> Llama:
+    """Build on the meta device, check keys and shapes both ways, then assign the tensors.
+
+    `state`: a dict of tensors or a SafetensorsFolder (read one tensor at a time). With
+    `quantize_linear`, every linear layer but lm_head is replaced by quantize_linear(layer) as soon
+    as its weight is assigned, and the dense weight is dropped before the next tensor is read.
+    """
     with torch.device("meta"):
         model = Llama(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    shapes = state.shape if isinstance(state, SafetensorsFolder) else {k: v.shape for k, v in state.items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)  # a tied checkpoint may carry a copy of the embedding
-    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+        shapes.pop("lm_head.weight", None)
+    for key in [k for k in shapes if k.endswith(_IGNORED_SUFFIXES)]:
+        state.pop(key, None)
+        shapes.pop(key, None)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if unexpected:
         raise ValueError(f"checkpoint has unexpected tensor(s): {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
     for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise ValueError(f"tensor {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+        if tuple(shapes[key]) != tuple(shape):
+            raise ValueError(f"tensor {key} has shape {tuple(shapes[key])}, the config implies {tuple(shape)}")
+    if quantize_linear is None and isinstance(state, dict):
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+        model.tie_weights()
+        return model
+    for key in expected:   # one tensor at a time: read, cast, assign, and quantize a finished linear layer
+        module_name, _, param_name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, param_name)
+        tensor = state.pop(key).to(device=device, dtype=dtype)
+        setattr(module, param_name, nn.Parameter(tensor, requires_grad=old.requires_grad))
+        del tensor
+        done = all(p.device.type != "meta" for p in module.parameters())
+        if quantize_linear is not None and isinstance(module, nn.Linear) and module_name != "lm_head" and done:
+            parent_name, _, leaf = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, quantize_linear(module))
+            module.weight = None   # the dense weight goes now, not when the loop moves on
     model.tie_weights()
     return model
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
-    """(model, tokenizer) from an alias (`smollm2-360m`), a hub id, a hub-layout folder or a .gguf file."""
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *,
+               quantize_linear: Callable[[nn.Linear], nn.Module] | None = None) -> tuple[Llama, Tokenizer]:
+    """(model, tokenizer) from an alias (`smollm2-360m`), a hub id, a hub-layout folder or a .gguf file.
+
+    quantize_linear: applied to every linear layer but lm_head while the weights load (see the
+    module docstring); a hub-layout folder is then read one tensor at a time.
+    """
     kind, path = resolve_source(source)
     if kind == "gguf":
         from .gguf import read_gguf
@@ -139,8 +225,8 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device="c
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json")
         config = ModelConfig.from_json(path / "config.json")
-        state = read_safetensors(path, device="cpu")
+        state = SafetensorsFolder(path) if quantize_linear is not None else read_safetensors(path, device="cpu")
         tokenizer = Tokenizer.from_dir(path)
     config.name = PRESETS[str(source)][0] if str(source) in PRESETS else config.name or str(source)
-    model = build_model(config, state, dtype=dtype, device=device)
+    model = build_model(config, state, dtype=dtype, device=device, quantize_linear=quantize_linear)
     return model.eval(), tokenizer

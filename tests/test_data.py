@@ -296,13 +296,35 @@ def test_hub_id_downloads_through_huggingface_hub(monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
     calls = []
 
-    def fake_download(repo_id, filename, repo_type=None):
+    def fake_download(repo_id, filename, repo_type=None, **kwargs):
         calls.append((repo_id, filename, repo_type))
         return str(DEFAULT_SAMPLE)
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     rows = load_rows("NingLab/ECInstruct", tasks="AVE")
     assert calls == [("NingLab/ECInstruct", "dataset.json", "dataset")] and len(rows) == 35
+
+
+def test_unreachable_hub_reads_the_cache_only_and_names_the_sample(monkeypatch):
+    """No network: the cache alone is asked (no 25 s of retries), and the error points at the in-repo sample."""
+    hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.errors as errors
+
+    import model.hub
+
+    asked = []
+
+    def cache_only(repo_id, filename, repo_type=None, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(model.hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "hf_hub_download", cache_only)
+    with pytest.raises(DataError) as e:
+        load_rows("NingLab/ECInstruct")
+    assert asked == [True]
+    assert "the hub cannot be reached" in str(e.value) and "data/sample/ecinstruct_sample.jsonl" in str(e.value)
 
 
 @pytest.mark.parametrize("error, message", [

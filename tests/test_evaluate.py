@@ -252,10 +252,15 @@ def preds_file(tmp_path) -> Path:
     return path
 
 
-def test_missing_out_is_a_usage_error(preds_file, capsys):
-    """No --out: exit 2, the message names --out."""
-    code, err = run_error(["--predictions", str(preds_file), "--dataset", str(DEFAULT_SAMPLE)], capsys)
-    assert code == 2 and "--out" in err
+def test_default_out_is_named(tmp_path):
+    """No --out, as in train.py: a default folder, said on stderr; beside an adapter: runs/x/eval."""
+    args = evaluate.parse_args(["--predictions", "preds.jsonl"])
+    assert args.out == str(Path("runs") / "score" / "preds")
+    args = evaluate.parse_args(["--adapter", str(tmp_path / "x" / "adapter")])
+    assert args.out == str(tmp_path / "x" / "eval")
+    args = evaluate.parse_args(["--model", "smollm2-360m", "--adapter", str(tmp_path / "x" / "best")])
+    assert args.out == str(tmp_path / "x" / "eval-best")
+    assert evaluate.parse_args(["--model", "smollm2-360m"]).out == str(Path("runs") / "eval" / "smollm2-360m")
 
 
 def test_batch_size_0_is_a_usage_error_before_anything_loads(capsys):

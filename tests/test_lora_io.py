@@ -306,6 +306,37 @@ def test_adapter_for_another_base_names_tensor_and_shapes(tiny_dir, other_dir, t
     assert "(16, 32)" in msg and "(16, 64)" in msg
 
 
+def model_snapshot(model) -> tuple:
+    """Everything a failed load must leave alone: module names and types, tensors, requires_grad."""
+    modules = [(name, type(m).__name__) for name, m in model.named_modules()]
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    return modules, tensors, grads
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("damage", ["another-base", "missing-tensor", "nan"])
+def test_failed_load_leaves_the_model_as_it_was(tiny_dir, other_dir, tmp_path, quantize, damage):
+    """A refused adapter adds no LoRA layer and quantizes nothing: the model is exactly as before."""
+    _, out = saved_adapter(tmp_path, other_dir if damage == "another-base" else tiny_dir)
+    file = out / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    last = sorted(tensors)[-1]   # the last layer checked: every other tensor fits
+    if damage == "missing-tensor":
+        del tensors[last]
+    elif damage == "nan":
+        tensors[last][0, 0] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    model, _ = load_model(tiny_dir)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors"):
+        load_adapter(model, out, quantize=quantize)
+    after = model_snapshot(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][k], before[1][k]) for k in before[1])
+
+
 def test_head_copy_from_another_base_is_an_error(tiny_dir, tmp_path):
     """A peft-style copy of the head weight that is not this model's head is refused, not ignored."""
     _, out = saved_adapter(tmp_path, tiny_dir)

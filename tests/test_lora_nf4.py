@@ -194,3 +194,52 @@ def test_quantize_keeps_bias_and_dtype():
     assert dequantize_nf4(q).dtype == torch.bfloat16
     err = (dequantize_nf4(q).float() - dense.weight.float()).norm() / dense.weight.float().norm()
     assert err < 0.12
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_while_loading_equals_quantized_after(tiny_dir, tmp_path, tied):
+    """load_model(quantize_linear=quantize_nf4), one tensor at a time, then apply_lora: the same NF4 codes,
+    the same LoRA init and the same logits as loading dense and quantizing in apply_lora."""
+    from functools import partial
+
+    from tiny import write_tiny_model
+
+    folder = tiny_dir if tied else write_tiny_model(tmp_path / "untied", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    after, _ = load_model(folder)
+    apply_lora(after, quantize="nf4", compute_dtype=torch.float32)
+    streamed, _ = load_model(folder, quantize_linear=partial(quantize_nf4, compute_dtype=torch.float32))
+    assert all(is_nf4(m) for n, m in streamed.named_modules() if n.endswith("_proj"))
+    torch.manual_seed(0)
+    apply_lora(streamed, quantize="nf4", compute_dtype=torch.float32)
+    a, b = after.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for layer in (*lora_layers(after).values(), *lora_layers(streamed).values()):
+        with torch.no_grad():
+            layer.lora_B.weight.fill_(0.01)
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(after(ids), streamed(ids))
+    assert (streamed.lm_head.weight is streamed.model.embed_tokens.weight) == tied
+
+
+def test_apply_lora_releases_each_dense_weight(tiny_dir, monkeypatch):
+    """While apply_lora quantizes layer k, the dense weights of layers 1..k-1 are already gone: peak memory
+    is the NF4 model plus one dense layer, not the dense model plus the NF4 one."""
+    import weakref
+
+    import lora.apply
+
+    model, _ = load_model(tiny_dir)
+    dense = {n: weakref.ref(m.weight) for n, m in model.named_modules() if n.endswith("_proj")}
+    done, alive_at_each_call = [], []
+
+    def watched(linear, compute_dtype):
+        alive_at_each_call.append([n for n in done if dense[n]() is not None])
+        done.append(next(n for n, ref in dense.items() if ref() is linear.weight))
+        return quantize_nf4(linear, compute_dtype)
+
+    monkeypatch.setattr(lora.apply, "quantize_nf4", watched)
+    apply_lora(model, quantize="nf4")
+    assert len(done) == len(dense) and all(alive == [] for alive in alive_at_each_call)
+    assert all(ref() is None for ref in dense.values())

