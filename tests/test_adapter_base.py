@@ -39,7 +39,7 @@ def rows_file(tmp_path_factory) -> Path:
 def nf4_run(tiny_dir, rows_file, tmp_path_factory) -> Path:
     """Two steps of QLoRA (NF4 base, fp32 on the CPU) with validation: adapter/, best/, checkpoints."""
     out = tmp_path_factory.mktemp("nf4") / "run"
-    assert train.main(base_args(tiny_dir, rows_file, out, "--quant", "nf4", "--max-steps", "2")) == 0
+    assert train.main(base_args(tiny_dir, rows_file, out, "--quant", "nf4", "--dtype", "fp32", "--max-steps", "2")) == 0
     return out
 
 
@@ -161,5 +161,6 @@ def test_resume_refuses_other_validation_rows(tiny_dir, rows_file, one_step_run,
     config = json.loads((one_step_run / "config.json").read_text())
     config["args"]["dataset"] = str(edited)   # the same path, as if the file had been edited in place
     (one_step_run / "config.json").write_text(json.dumps(config))
-    code, err = run_error(base_args(tiny_dir, edited, one_step_run, "--max-steps", "3", "--resume", "auto"), capsys)
+    code, err = run_error(base_args(tiny_dir, edited, one_step_run, "--max-steps", "3", "--dtype", "fp32",
+                                    "--resume", "auto"), capsys)
     assert code == 2 and "validation set" in err

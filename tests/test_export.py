@@ -283,7 +283,8 @@ def test_evaluate_scores_the_export_as_model_plus_adapter(bases, adapters, tmp_p
                "--out", tmp_path / "m.gguf") == 0
     common = ["--dataset", str(DEFAULT_SAMPLE), "--tasks", "AVE,PRP,PM,SA,SR,MPC,PSI,QPR,AP",
               "--settings", "IND_Diverse_Instruction,OOD_Diverse_Instruction", "--limit", "1",
-              "--max-new-tokens", "10", "--qpr-labels", str(DEFAULT_SAMPLE.with_name("qpr_label.json"))]
+              "--max-new-tokens", "10", "--qpr-labels", str(DEFAULT_SAMPLE.with_name("qpr_label.json")),
+              "--dtype", "fp32"]   # the fp32 exports against the fp32 model (auto is bf16 on a CPU with native bf16)
     runs = {"adapter": ["--model", str(base), "--adapter", str(adapter)], "hf": ["--model", str(tmp_path / "hf")],
             "gguf": ["--model", str(tmp_path / "m.gguf")]}
     monkeypatch.setattr(evaluate, "plot_results", lambda *args: False)   # no bar charts: seconds of matplotlib
