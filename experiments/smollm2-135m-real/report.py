@@ -111,9 +111,9 @@ def main() -> None:
     for source, target in copies.items():
         if target.endswith(".png"):
             shutil.copyfile(args.work / source, args.out / target)
-        else:   # paths inside the checkout written relative to it, so the report names no machine's folders
-            text = (args.work / source).read_text()
-            (args.out / target).write_text(text.replace(str(ROOT) + "/", ""))
+        else:   # paths inside the checkout relative to it, the home folder as ~: the report names no machine's folders
+            text = (args.work / source).read_text().replace(str(ROOT) + "/", "")
+            (args.out / target).write_text(text.replace(str(Path.home()) + "/", "~/"))
     print(f"wrote {args.out / 'tables.md'} and copies of the run's logs and metrics")
 
 
