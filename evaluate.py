@@ -271,12 +271,9 @@ def read_qpr_labels(path: str | None) -> list[list[str]]:
     if path is None:
         raise ValueError("Query_Product_Rank is scored with eCeLLM's ESCI labels of its test items: pass "
                          "--qpr-labels qpr_label.json (eCeLLM's data_label/label.json), or leave QPR out of --tasks")
-    try:
-        labels = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    from model.config import read_json
+
+    labels = read_json(path)
     bad = next((i for i, x in enumerate(labels) if not isinstance(x, list) or not all(isinstance(l, str) for l in x)),
                None) if isinstance(labels, list) else -1
     if bad is not None:
@@ -302,8 +299,6 @@ def limit_rows(items: list, limit: int | None, key=lambda r: (r["task"], r["sett
 
 def load_for_generation(args):
     """(model, tokenizer): the base model, with the adapter applied and merged when one is given."""
-    import torch
-
     from model import load_model
 
     device = resolve_device(args.device)
@@ -509,7 +504,7 @@ def make_bertscorer(args):
         return BertScorer.from_pretrained(path, layer=6 if layer is None else layer)
     try:
         return BertScorer.from_pretrained(name, layer=layer)
-    except OSError as e:   # not cached and no hub: one line, with the flags that help
+    except OSError:   # not cached and no hub: one line, with the flags that help
         from model.hub import why_offline
 
         why = why_offline() or "it could not be fetched"

@@ -87,7 +87,7 @@ try:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from data import (SETTINGS, DataError, collate, parse_settings, parse_tasks, plan_epoch, read_rows, render_prompt,
+    from data import (SETTINGS, DataError, collate, parse_settings, parse_tasks, plan_epoch, read_rows,
                       select_rows, tokenize_rows)
     from data.batching import padding_stats
     from metrics.tasks import ABBREV

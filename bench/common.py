@@ -75,6 +75,31 @@ def default_gguf() -> Path:
     return packaged_smollm2()
 
 
+def bench_models(args, tmp: Path, dtype):
+    """(label, hub-layout folder, tokenizer) of each model a benchmark measures: --tiny, each of --preset
+    (random weights in `dtype`), else --model or the offline SmolLM2 GGUF (dequantized to a folder in `tmp`)."""
+    if args.tiny:
+        folder = tiny_hub_folder(tmp / "tiny")
+        yield "tiny (random)", folder, tokenizer_for(folder, None)
+    elif args.preset:
+        for preset in args.preset.split(","):
+            folder = random_hub_folder(preset, tmp / preset, dtype=dtype)
+            yield f"{preset} (random)", folder, tokenizer_for(folder, None)
+    else:
+        source = Path(args.model) if args.model else default_gguf()
+        folder = hub_folder_from_gguf(source, tmp / "hub") if source.suffix == ".gguf" else source
+        yield source.stem, folder, tokenizer_for(folder, None)
+
+
+def publish_report(text: str, lines: list[dict], out: str | None) -> None:
+    """Print the markdown report; with --out, also write it (report.md) and the rows (results.json) there."""
+    print(text)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.md").write_text(text)
+        (Path(out) / "results.json").write_text(json.dumps(lines, indent=2) + "\n")
+
+
 def tokenizer_for(folder: Path, gguf: Path | None):
     """The tokenizer of the folder, else of the GGUF (random presets borrow SmolLM2's ids as prompts)."""
     from model import Tokenizer

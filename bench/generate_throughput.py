@@ -165,7 +165,7 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
         s = r[key]
         return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
 
-    out = [f"# Generation: ours against transformers' generate", "",
+    out = ["# Generation: ours against transformers' generate", "",
            f"- machine: {common.machine(args.threads)}; {common.versions()}",
            f"- {dtype_name}, greedy, up to {args.max_new_tokens} new tokens, {args.n} prompts of {args.rows}; "
            f"{args.repeats} timed runs (median, min-max), {args.warmup} warm-up", "",
@@ -193,27 +193,10 @@ def main(argv=None) -> int:
         return 0
     device = common.pick_device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if args.tiny:
-            folder = common.tiny_hub_folder(tmp / "tiny")
-            lines += measure_model("tiny (random)", folder, common.tokenizer_for(folder, None), args, device, dtype_name)
-        elif args.preset:
-            for preset in args.preset.split(","):
-                folder = common.random_hub_folder(preset, tmp / preset, dtype=DTYPES[dtype_name])
-                lines += measure_model(f"{preset} (random)", folder, common.tokenizer_for(folder, None), args, device,
-                                       dtype_name)
-        else:
-            source = Path(args.model) if args.model else common.default_gguf()
-            folder = common.hub_folder_from_gguf(source, tmp / "hub") if source.suffix == ".gguf" else source
-            lines += measure_model(source.stem, folder, common.tokenizer_for(folder, None), args, device, dtype_name)
-    text = report(lines, args, dtype_name)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "report.md").write_text(text)
-        (Path(args.out) / "results.json").write_text(json.dumps(lines, indent=2) + "\n")
+        lines = [line for label, folder, tokenizer in common.bench_models(args, Path(tmp), DTYPES[dtype_name])
+                 for line in measure_model(label, folder, tokenizer, args, device, dtype_name)]
+    common.publish_report(report(lines, args, dtype_name), lines, args.out)
     return 0
 
 

@@ -67,6 +67,23 @@ def parse_args(argv=None):
 
 # ---- the two sides, in a worker process --------------------------------------------------------------
 
+def adamw_stepper(model, loss_of):
+    """(step, trainable parameter count): one step is loss_of() (mean CE over supervised tokens), backward,
+    gradient norm clipped at 1, AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay); the same on both sides."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def step() -> float:
+        loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step, sum(p.numel() for p in params)
+
+
 def ours_stepper(folder: Path, dtype, device, spec, batch):
     from lora import apply_lora
     from train import token_loss_sum
@@ -74,20 +91,9 @@ def ours_stepper(folder: Path, dtype, device, spec, batch):
     model = common.load_ours(folder, dtype, device)
     apply_lora(model, r=16, alpha=16, dropout=0.1, quantize="nf4", compute_dtype=dtype, lora_dtype=torch.float32)
     model.gradient_checkpointing = spec["gradient_checkpointing"]
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     n_sup = int((labels[:, 1:] != -100).sum())
-
-    def step() -> float:
-        loss = token_loss_sum(model, ids, labels) / n_sup
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-    return step, sum(p.numel() for p in params)
+    return adamw_stepper(model, lambda: token_loss_sum(model, ids, labels) / n_sup)
 
 
 def peer_stepper(folder: Path, dtype, device, spec, batch):
@@ -104,20 +110,9 @@ def peer_stepper(folder: Path, dtype, device, spec, batch):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
                                              bias="none", task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     mask = batch["attention_mask"].to(device).long()
-
-    def step() -> float:
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-    return step, sum(p.numel() for p in params)
+    return adamw_stepper(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
 def worker(spec_path: str) -> None:
@@ -213,31 +208,11 @@ def main(argv=None) -> int:
     from model.cpu import compute_dtype
 
     device = common.pick_device(args.device)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype(
-        {"auto": "auto", "fp32": "fp32", "bf16": "bf16"}[args.dtype], device)]
-    lines = []
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype(args.dtype, device)]
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if args.tiny:
-            folder = common.tiny_hub_folder(tmp / "tiny")
-            lines.append(measure_model("tiny (random)", folder, common.tokenizer_for(folder, None), args, device,
-                                       dtype_name))
-        elif args.preset:
-            for preset in args.preset.split(","):
-                folder = common.random_hub_folder(preset, tmp / preset, dtype=DTYPES[dtype_name])
-                lines.append(measure_model(f"{preset} (random)", folder, common.tokenizer_for(folder, None), args,
-                                           device, dtype_name))
-        else:
-            source = Path(args.model) if args.model else common.default_gguf()
-            folder = common.hub_folder_from_gguf(source, tmp / "hub") if source.suffix == ".gguf" else source
-            lines.append(measure_model(source.stem, folder, common.tokenizer_for(folder, None), args, device,
-                                       dtype_name))
-    text = report(lines, args, dtype_name)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "report.md").write_text(text)
-        (Path(args.out) / "results.json").write_text(json.dumps(lines, indent=2) + "\n")
+        lines = [measure_model(label, folder, tokenizer, args, device, dtype_name)
+                 for label, folder, tokenizer in common.bench_models(args, Path(tmp), DTYPES[dtype_name])]
+    common.publish_report(report(lines, args, dtype_name), lines, args.out)
     return 0
 
 

@@ -60,14 +60,19 @@ def _positive_number(value) -> bool:
 
 
 
-def read_json_object(path: Path) -> dict:
-    """The JSON object in file `path`; ValueError naming the file when it is not valid JSON or not an object."""
+def read_json(path: Path):
+    """The JSON value in file `path`; ValueError naming the file when it is not valid JSON."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in file `path`; ValueError naming the file when it is not valid JSON or not an object."""
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -13,7 +13,6 @@ Peak memory: the quantized model plus one dense tensor (a GGUF file is dequantiz
 
 from __future__ import annotations
 
-import os
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -92,20 +91,24 @@ def shard_files(index: Path) -> list[str]:
     return sorted(files)
 
 
+def checkpoint_files(folder: Path) -> list[str]:
+    """The safetensors files of a hub-layout folder: the shards its index lists, or model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return shard_files(index)
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors checkpoints are read, never pickle files)")
+
+
 def read_safetensors(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = shard_files(index)
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors checkpoints are read, never pickle files)")
     state = {}
+    files = checkpoint_files(folder)
     for name in files:
         try:
             state.update(load_file(str(folder / name), device=str(device)))
@@ -122,14 +125,7 @@ class SafetensorsFolder:
     def __init__(self, folder: Path):
         from safetensors import SafetensorError, safe_open
 
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = shard_files(index)
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                                    "(only safetensors checkpoints are read, never pickle files)")
+        files = checkpoint_files(folder)
         self.file: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         for name in files:
