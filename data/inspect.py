@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
+
+from model.load import load_tokenizer
 
 from . import DEFAULT_SAMPLE, DataError, load_rows
 from .ecinstruct import DEFAULT_SETTING, SETTINGS
@@ -24,33 +25,6 @@ from .encode import IGNORE_INDEX, tokenize_rows
 from .prompts import TEMPLATES, render_prompt
 
 PERCENTILES = (0, 50, 90, 99, 100)
-_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json",
-                    "special_tokens_map.json"]
-
-
-def load_tokenizer(spec: str):
-    """A model.tokenizer.Tokenizer from a .gguf file, a folder, a model alias or a hub id."""
-    from model.tokenizer import Tokenizer
-
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise DataError(f"GGUF file {spec} does not exist")
-        return Tokenizer.from_gguf(path)
-    if path.is_dir():
-        return Tokenizer.from_dir(path)
-    from model.config import PRESETS
-
-    repo_id = PRESETS[spec][0] if spec in PRESETS else spec
-    if repo_id.count("/") != 1:
-        raise DataError(f"tokenizer {spec!r} is not a .gguf file, a folder, a hub id or one of: {', '.join(PRESETS)}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Tokenizer.from_dir(snapshot_download(repo_id, allow_patterns=_TOKENIZER_FILES))
-    except Exception as e:  # offline, gated, missing: one line is enough here
-        raise DataError(f"cannot get the tokenizer of {repo_id} ({type(e).__name__}); pass a local folder "
-                        "or .gguf file") from None
 
 
 def _percentiles(values) -> str:
@@ -80,13 +54,45 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return report(args)
-    except (DataError, FileNotFoundError, ValueError) as e:   # one line naming the file, row or field
+    except (DataError, OSError, ValueError) as e:   # one line naming the file, row or field (HubError is an OSError)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
+def describe_tokenized(rows: list[dict], data, tokenizer, *, train_on_inputs: bool = False, example: int = 0) -> str:
+    """Token lengths per task (with truncated and dropped rows), token totals, and one example rendered from
+    its ids with the supervised part in [[...]]: what the loss sees. (train.py --dry-run prints it too.)"""
+    stats, by_task = data.stats, defaultdict(list)
+    for i, length in zip(data.source_index, data.lengths):
+        by_task[rows[i]["task"]].append(length)
+    lines = ["\ntoken lengths (BOS + prompt + answer + EOS)", _table_header("tokens") + "  truncated dropped"]
+    for task in sorted(stats["per_task"]):
+        t = stats["per_task"][task]
+        lines.append(f"  {task:<36}{len(by_task[task]):>6} {_percentiles(by_task[task])}   {t['truncated']:>9} "
+                     f"{t['dropped']:>7}")
+    lines.append(f"  {'all':<36}{stats['kept']:>6} {_percentiles(data.lengths)}   {stats['truncated']:>9} "
+                 f"{stats['dropped']:>7}")
+    lines.append(f"tokens {stats['tokens']}, supervised {stats['supervised_tokens']} "
+                 f"({stats['supervised_tokens'] / max(stats['tokens'], 1):.1%})")
+    if not len(data):
+        return "\n".join(lines + ["\nevery row was dropped: no example to show"])
+    k = min(example, len(data) - 1)
+    ids, labels = data.input_ids[k], data.labels[k]
+    row = rows[data.source_index[k]]
+    first = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
+    if train_on_inputs:
+        first = len(ids) - len(tokenizer.encode(row["output"])) - 1
+    lines += [f"\nexample {k}: {row['task']} {row['setting']} {row['split']} index {row.get('index', '?')}"
+              f"{' (input truncated)' if data.truncated[k] else ''}: {first} prompt tokens"
+              f"{'' if train_on_inputs else ' (masked)'}, {len(ids) - first} answer tokens (supervised); "
+              "[[...]] marks the answer + EOS",
+              tokenizer.decode(ids[:first], skip_special_tokens=False) + "[["
+              + tokenizer.decode(ids[first:], skip_special_tokens=False) + "]]"]
+    return "\n".join(lines)
+
+
 def report(args) -> int:
-    """Print the report of main()'s arguments; bad input raises DataError / ValueError / FileNotFoundError."""
+    """Print the report of main()'s arguments; bad input raises DataError / ValueError / OSError."""
     rows = load_rows(args.dataset, split=args.split, tasks=args.tasks, settings=args.setting,
                      skip_invalid=args.skip_invalid)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -115,35 +121,9 @@ def report(args) -> int:
 
     data = tokenize_rows(rows, tokenizer, cutoff=args.cutoff, template=args.template,
                          train_on_inputs=args.train_on_inputs, verbose=False)
-    stats = data.stats
     print(f"\ntokenizer {args.tokenizer}: bos {tokenizer.bos_id} (added: {tokenizer.add_bos}), eos {tokenizer.eos_id}, "
           f"pad {tokenizer.pad_id}; cutoff {args.cutoff}; template {args.template}")
-    for i, length in zip(data.source_index, data.lengths):
-        by_task[rows[i]["task"]].append(length)
-    print("\ntoken lengths (BOS + prompt + answer + EOS)")
-    print(_table_header("tokens") + "  truncated dropped")
-    for task in sorted(stats["per_task"]):
-        t = stats["per_task"][task]
-        print(f"  {task:<36}{len(by_task[task]):>6} {_percentiles(by_task[task])}   {t['truncated']:>9} {t['dropped']:>7}")
-    print(f"  {'all':<36}{stats['kept']:>6} {_percentiles(data.lengths)}   {stats['truncated']:>9} {stats['dropped']:>7}")
-    print(f"tokens {stats['tokens']}, supervised {stats['supervised_tokens']} "
-          f"({stats['supervised_tokens'] / max(stats['tokens'], 1):.1%})")
-
-    if not len(data):
-        print("\nevery row was dropped: no example to show")
-        return 0
-    k = min(args.example, len(data) - 1)
-    ids, labels = data.input_ids[k], data.labels[k]
-    row = rows[data.source_index[k]]
-    first = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
-    if args.train_on_inputs:
-        first = len(ids) - len(tokenizer.encode(row["output"])) - 1
-    print(f"\nexample {k}: {row['task']} {row['setting']} {row['split']} index {row['index']}"
-          f"{' (input truncated)' if data.truncated[k] else ''}: {first} prompt tokens"
-          f"{'' if args.train_on_inputs else ' (masked)'}, {len(ids) - first} answer tokens (supervised); "
-          "[[...]] marks the answer + EOS")
-    print(tokenizer.decode(ids[:first], skip_special_tokens=False) + "[["
-          + tokenizer.decode(ids[first:], skip_special_tokens=False) + "]]")
+    print(describe_tokenized(rows, data, tokenizer, train_on_inputs=args.train_on_inputs, example=args.example))
     return 0
 
 

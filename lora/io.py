@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from model.config import read_json_object
+from outdir import fsync_dir, fsync_tree, write_atomic
 from model.gguf import NonFiniteError
 
 from .apply import HEAD, apply_lora, lora_layers, resolve_targets
@@ -60,18 +61,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
     return state
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path` (same folder, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
@@ -131,7 +120,7 @@ def base_record(*, base_model: str | None, base_checkpoint: str, quantization: s
 
 def write_base_record(path, record: dict) -> None:
     """base.json in adapter folder `path`, written atomically."""
-    _write_atomic(Path(path) / BASE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    write_atomic(Path(path) / BASE_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def read_base_record(path) -> dict | None:
@@ -176,8 +165,8 @@ def save_adapter(model: nn.Module, path, *, base_model_name_or_path: str | None 
             raise ValueError(f"refusing to write the adapter to {path}: tensor {key} holds "
                              f"{int((~torch.isfinite(tensor)).sum())} non-finite value(s) (nan or inf)")
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomic(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     if base is not None:
         write_base_record(path, base)
 
@@ -373,16 +362,6 @@ def merged_export_state(model: nn.Module):
     return dataclasses.replace(config, tie_word_embeddings=tied and not untie), state
 
 
-def _fsync(path: Path, *, tree: bool = False) -> None:
-    """fsync a file or a folder's entries; tree=True: everything under the folder, then the folder."""
-    for p in (sorted(path.rglob("*")) + [path]) if tree else [path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def check_export_path(path, *, folder: bool, overwrite: bool) -> Path:
     """The export target, refused when it exists (unless overwrite), is of the other kind (a file for a
     folder export or the reverse), or is a non-empty folder without config.json (not a model export)."""
@@ -420,7 +399,7 @@ def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make them private
-        _fsync(tmp, tree=folder)
+        fsync_tree(tmp) if folder else fsync_dir(tmp)
         check_export_path(path, folder=folder, overwrite=overwrite)  # it may have appeared meanwhile
         if folder and path.exists():  # a folder is renamed only over an empty one: move the old one aside
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
@@ -438,7 +417,7 @@ def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(path.parent)
+    fsync_dir(path.parent)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -24,8 +24,10 @@ The rules are eCeLLM's `evaluate.py` (@ f364c18), which the published numbers de
 
 from __future__ import annotations
 
+from tasks import canonical_task
+
 from .ave import parse_ave_output
-from .tasks import OPTION_LETTERS, TASK_KIND, canonical_task
+from .tasks import OPTION_LETTERS, TASK_KIND
 
 # eCeLLM accepts these first letters for every multiclass task (PRP, SA, MPC).
 ECELLM_MULTICLASS_LETTERS = "ABCDE"

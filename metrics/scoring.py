@@ -33,11 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from tasks import canonical_task
+
 from .ave import f1_star, parse_ave_output, triple_metrics
 from .classification import binary_metrics, macro_metrics
 from .parsing import BINARY_ANSWERS, MODES, parse_output
 from .ranking import ESCI_GAINS, hit_rate_at_1, ndcg_ecellm, ndcg_full_ideal, option_gains
-from .tasks import OPTION_LETTERS, PRIMARY_METRIC, TASK_KIND, canonical_task
+from .tasks import OPTION_LETTERS, PRIMARY_METRIC, TASK_KIND
 
 HOW_TO_GET_A_BERTSCORER = (
     "pass bertscorer=: a callable (candidates, references) -> list of F1, or an object with "
@@ -196,7 +198,7 @@ def evaluate_task(
 ) -> dict:
     """Score raw outputs `predictions[i]` against gold outputs `references[i]` of one task.
 
-    task: any spelling metrics.tasks.canonical_task accepts (hub, eCeLLM's, abbreviation).
+    task: any spelling tasks.canonical_task accepts (hub, eCeLLM's, abbreviation).
     setting: e.g. "OOD_Diverse_Instruction"; only AVE uses it (substring matches when "OOD").
     qpr_labels: QPR only, row i's ESCI labels of options A, B, ...; extra trailing lists are
         ignored (eCeLLM indexes label.json by row number), too few is an error.

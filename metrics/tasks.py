@@ -1,51 +1,14 @@
-"""The ten ECInstruct tasks: names, spellings, abbreviations, and what each one is scored on.
+"""What each of the ten ECInstruct tasks is scored on: its kind, option letters and primary metric.
 
-Dependency-free on purpose: `data/` imports these names, so this file imports nothing heavy.
-
-Spellings. The hub (`NingLab/ECInstruct`) spells the tasks as in `TASKS`. eCeLLM's own
-`evaluate.py` still uses three older folder names (`Product_Relation_Predicition`,
-`Product_Substitue_Identification`, `Query_Product_Ranking`); `canonical_task` accepts those,
-the abbreviations (`AVE`, `PRP`, ...) and any letter case, and returns the hub spelling.
+The task names themselves (TASKS, ABBREV, TASK_ALIASES, canonical_task) live in the top-level
+tasks.py, shared with `data/`; they are re-exported here, so `from metrics.tasks import TASKS` works.
 """
 
 from __future__ import annotations
 
-# Hub spellings, in the paper's table order (product understanding, user understanding,
-# query-product matching, product question answering).
-TASKS: tuple[str, ...] = (
-    "Attribute_Value_Extraction",
-    "Product_Relation_Prediction",
-    "Product_Matching",
-    "Sentiment_Analysis",
-    "Sequential_Recommendation",
-    "Multiclass_Product_Classification",
-    "Product_Substitute_Identification",
-    "Query_Product_Rank",
-    "Answerability_Prediction",
-    "Answer_Generation",
-)
+from tasks import ABBREV, TASK_ALIASES, TASKS, canonical_task
 
-# Hub spelling -> the paper's abbreviation.
-ABBREV: dict[str, str] = {
-    "Attribute_Value_Extraction": "AVE",
-    "Product_Relation_Prediction": "PRP",
-    "Product_Matching": "PM",
-    "Sentiment_Analysis": "SA",
-    "Sequential_Recommendation": "SR",
-    "Multiclass_Product_Classification": "MPC",
-    "Product_Substitute_Identification": "PSI",
-    "Query_Product_Rank": "QPR",
-    "Answerability_Prediction": "AP",
-    "Answer_Generation": "AG",
-}
-
-# Other accepted spelling -> hub spelling: eCeLLM evaluate.py's misspellings and the abbreviations.
-TASK_ALIASES: dict[str, str] = {
-    "Product_Relation_Predicition": "Product_Relation_Prediction",
-    "Product_Substitue_Identification": "Product_Substitute_Identification",
-    "Query_Product_Ranking": "Query_Product_Rank",
-    **{abbrev: task for task, abbrev in ABBREV.items()},
-}
+__all__ = ["ABBREV", "OPTION_LETTERS", "PRIMARY_METRIC", "TASKS", "TASK_ALIASES", "TASK_KIND", "canonical_task"]
 
 # How each task is scored (see metrics/scoring.py):
 #   "extraction" AVE; "multiclass" PRP/SA/MPC; "binary" PM/PSI/AP;
@@ -87,21 +50,3 @@ PRIMARY_METRIC: dict[str, str] = {
     "Answerability_Prediction": "f1",
     "Answer_Generation": "f_bert",
 }
-
-_BY_FOLDED_NAME: dict[str, str] = {
-    **{name.lower(): name for name in TASKS},
-    **{alias.lower(): name for alias, name in TASK_ALIASES.items()},
-}
-
-
-def canonical_task(name: str) -> str:
-    """Hub spelling of a task given any accepted spelling (hub, eCeLLM's, abbreviation; any case).
-
-    Raises ValueError listing the valid names when `name` is none of them.
-    """
-    found = _BY_FOLDED_NAME.get(str(name).strip().lower())
-    if found is None:
-        valid = ", ".join(f"{task} ({ABBREV[task]})" for task in TASKS)
-        old = ", ".join(alias for alias in TASK_ALIASES if "_" in alias)
-        raise ValueError(f"unknown task {name!r}; valid tasks: {valid}; also accepted: {old}")
-    return found

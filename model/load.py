@@ -1,4 +1,5 @@
-"""load_model(source) -> (Llama, Tokenizer), from an alias, a hub id, a hub-layout folder or a .gguf file.
+"""load_model(source) -> (Llama, Tokenizer), from an alias, a hub id, a hub-layout folder or a .gguf file;
+load_tokenizer(source) -> Tokenizer, from the same sources without the weights.
 
 Only safetensors and GGUF are read: never pickle, never remote code. The network is built on the
 meta device and the checkpoint's tensors are assigned into it, so weights are never held twice;
@@ -20,17 +21,20 @@ import torch
 import torch.nn as nn
 
 from .config import PRESETS, ModelConfig, read_json_object
+from .hub import fetch
 from .llama import Llama
 from .tokenizer import Tokenizer
 
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                   "generation_config.json"]   # config.json and generation_config.json name the special tokens too
+HUB_FILES = TOKENIZER_FILES + ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 # Tensors some checkpoints carry that the network computes itself.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def resolve_source(source: str | Path) -> tuple[str, Path]:
-    """('gguf' | 'dir', local path): a .gguf file or folder as given, else an alias or hub id downloaded."""
+def resolve_source(source: str | Path, files: list[str] = HUB_FILES) -> tuple[str, Path]:
+    """('gguf' | 'dir', local path): a .gguf file or folder as given, else the `files` of an alias or hub id
+    downloaded (HubError, one sentence, when the hub cannot provide them)."""
     text = str(source)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
@@ -40,35 +44,25 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
     if path.is_dir():
         return "dir", path
     if text in PRESETS:
-        return "dir", download(PRESETS[text][0])
+        return "dir", download(PRESETS[text][0], files)
     if text.count("/") == 1 and not text.startswith((".", "/")):
-        return "dir", download(text)
+        return "dir", download(text, files)
     raise ValueError(f"model {text!r} is not a local folder, a .gguf file, a hub id (org/name) or a known alias; "
                      f"valid aliases: {', '.join(PRESETS)}")
 
 
-def download(repo_id: str) -> Path:
-    """Fetch only the files a Llama checkpoint needs (honours the local cache and HF_HUB_OFFLINE)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+def download(repo_id: str, files: list[str] = HUB_FILES) -> Path:
+    """The local folder of the `files` of a hub model (by default those a Llama checkpoint needs), through
+    model.hub.fetch: the cache first, and no retries when the hub cannot be reached."""
+    return fetch(repo_id, allow_patterns=files, instead="pass a local folder or .gguf file")
 
-    from .hub import why_offline
 
-    offline = why_offline()   # asked first: huggingface_hub would retry for ~25 s without network
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline is not None))
-    except GatedRepoError:
-        raise RuntimeError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}, then log in "
-                           "with `huggingface-cli login` (or set HF_TOKEN) and run again") from None
-    except RepositoryNotFoundError:
-        raise RuntimeError(f"{repo_id} was not found on the hub (check the spelling, or log in if it is private)") from None
-    except LocalEntryNotFoundError:
-        why = offline or "the hub could not be reached"
-        raise RuntimeError(f"{repo_id} is not in the local cache and {why}: download it on a connected machine "
-                           "(`huggingface-cli download ...`) or pass a local folder or .gguf file") from None
-    except OSError as e:  # connection errors surface as OSError subclasses
-        raise RuntimeError(f"could not download {repo_id} from the hub ({type(e).__name__}: {e}); pass a local folder "
-                           "or set HF_HUB_OFFLINE=1 to use the cache") from None
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """The tokenizer of a model source load_model accepts, without the weights: only the tokenizer files of
+    an alias or hub id are downloaded. Raises ValueError (not a source, or an unreadable tokenizer),
+    FileNotFoundError (no such .gguf file, no tokenizer.json) or HubError (the hub cannot provide it)."""
+    kind, path = resolve_source(source, TOKENIZER_FILES)
+    return Tokenizer.from_gguf(path) if kind == "gguf" else Tokenizer.from_dir(path)
 
 
 def shard_files(index: Path) -> list[str]:

@@ -33,6 +33,7 @@ import torch
 
 import evaluate
 import train
+from run_folder import list_checkpoints
 from data import DEFAULT_SAMPLE, DataError, load_rows
 from lora import apply_lora, load_adapter, lora_layers, save_adapter
 from model import load_model
@@ -161,7 +162,7 @@ def test_lr_1e3_diverges_and_stops(tiny_dir, rows_file, tmp_path, capsys):
     line = one_line(err)
     assert code == 1 and line.startswith("train.py: error: training diverged at step ") and "--lr" in line, line
     assert not (out / "adapter").exists()
-    assert train.list_checkpoints(out / "checkpoints") == [] and list((out / "checkpoints").glob("diverged-step-*"))
+    assert list_checkpoints(out / "checkpoints") == [] and list((out / "checkpoints").glob("diverged-step-*"))
     assert train.main(base_args(tiny_dir, rows_file, out, "--lr", "1e-4", "--max-steps", "4", "--val-size", "0",
                                 "--resume", "auto")) == 0
     trained = losses(out)
@@ -381,11 +382,11 @@ def test_bad_rows_are_named_by_train_and_inspect(tiny_dir, tmp_path, capsys, cha
 def test_a_deeply_nested_json_line_is_a_named_row(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps(row()) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(DataError, match=r"rows.jsonl row 2: not a row: JSON nested too deeply"):
+    with pytest.raises(DataError, match=r"rows.jsonl row 2: not valid JSON \(nested too deeply to read\)"):
         load_rows(data)
     as_json = tmp_path / "rows.json"
     as_json.write_text(data.read_text())
-    with pytest.raises(DataError, match=r"rows.json row 2: not a row: JSON nested too deeply"):
+    with pytest.raises(DataError, match=r"rows.json row 2: not valid JSON \(nested too deeply to read\)"):
         load_rows(as_json)
 
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from outdir import read_jsonl  # noqa: E402
 
 DIVERSE, SINGLE = "IND_Diverse_Instruction", "IND_Single_Instruction"
 ONE_SHOT = "IND_Diverse_Instruction_1-shot"
-HERE = Path(__file__).resolve().parent
 
 # ---- real rows: which items of each block go to which split --------------------------------------
 # Test rows keep their place in the hub test block (items 0..n-1), so their "index" matches the
@@ -240,10 +245,6 @@ QPR_ITEMS = [  # the first six follow qpr_label.json items 0-5 (test items keep 
 QPR_GAIN_ORDER = "ESCI"   # output lists letters by label E > S > C > I
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _ordinal(i: int) -> str:
     """The notebook's ordinal(): 1st, 2nd, 3rd, 4th, ..., 21st, 22nd, ..."""
     suffixes = {1: "st", 2: "nd", 3: "rd"}
@@ -313,7 +314,7 @@ def handwritten(instructions: dict) -> list[dict]:
 
 
 def real_rows(shared: Path) -> list[dict]:
-    test_rows = _jsonl(shared / "test_rows_dev.jsonl")
+    test_rows = read_jsonl(shared / "test_rows_dev.jsonl")
     block = lambda task, setting: [r for r in test_rows if r["task"] == task and r["setting"] == setting]
     rows = []
     for task, (test, train, val) in REAL_TEST_PLAN.items():
@@ -322,7 +323,7 @@ def real_rows(shared: Path) -> list[dict]:
             rows += [dict(items[k], split=split) for k in picks]
     rows += [block("Product_Relation_Prediction", "OOD_Diverse_Instruction")[k] for k in PRP_OOD_TEST]
 
-    ave = _jsonl(shared / "ave_train_100.jsonl")
+    ave = read_jsonl(shared / "ave_train_100.jsonl")
     ave_diverse = [r for r in ave if r["setting"] == DIVERSE]
     for split, picks in zip(("train", "val", "test"), AVE_PLAN):
         rows += [dict(ave_diverse[k], split=split) for k in picks]

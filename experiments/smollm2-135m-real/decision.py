@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from data.ecinstruct import read_rows  # noqa: E402
 from data.encode import encode_prompt  # noqa: E402
 from evaluate import load_for_generation  # noqa: E402
-from metrics import ABBREV  # noqa: E402
 from model.gguf import packaged_smollm2  # noqa: E402
 from report import SETTINGS  # noqa: E402  (report.py, beside this file)
+from tasks import ABBREV  # noqa: E402
 
 POSITIVE = {"Product_Matching": "yes", "Product_Substitute_Identification": "yes"}   # else: the majority class
 

@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from outdir import read_jsonl  # noqa: E402
+
 EVAL_SETTINGS = ("IND_Diverse_Instruction", "IND_Single_Instruction", "IND_Unseen_Instruction")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def item_key(row: dict, position: int) -> str:

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from data.ecinstruct import read_rows  # noqa: E402
-from metrics import ABBREV, TASKS, evaluate_task  # noqa: E402
+from metrics import evaluate_task  # noqa: E402
 from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_IND, PAPER_OOD  # noqa: E402
+from tasks import ABBREV, TASKS  # noqa: E402
 
 SETTINGS = ("IND_Diverse_Instruction", "IND_Single_Instruction", "IND_Unseen_Instruction", "OOD_Diverse_Instruction")
 AVE = "Attribute_Value_Extraction"
@@ -96,15 +97,34 @@ def render(zero: dict, tuned: dict, majority: dict, answers: dict, always_yes: d
     return "\n".join(lines) + "\n"
 
 
+def summary(zero: dict, tuned: dict, majority: dict) -> str:
+    """The same comparison for a terminal: strict scores, invalid answers in brackets."""
+    lines = [f"{'task':<5} {'setting':<14} {'metric':<9} {'majority':>8} {'zero-shot (invalid)':>20} "
+             f"{'fine-tuned (invalid)':>21}"]
+    for task in TASKS:
+        for setting in SETTINGS:
+            if setting not in tuned.get(task, {}):
+                continue
+            z, t = zero[task][setting]["strict"], tuned[task][setting]["strict"]
+            lines.append(f"{ABBREV[task]:<5} {setting.replace('_Instruction', ''):<14} {t['metric']:<9} "
+                         f"{majority[task, setting]:>8.3f} {z['score']:>10.3f} ({z['n_invalid']:>3}/{z['n']:<3}) "
+                         f"{t['score']:>11.3f} ({t['n_invalid']:>3}/{t['n']:<3})")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="run.sh's WORKDIR")
     parser.add_argument("--out", type=Path, required=True, help="the experiment's report folder")
+    parser.add_argument("--rows", type=Path, help="the rows the runs used (default: WORK/rows.jsonl)")
+    parser.add_argument("--print", action="store_true", help="also print the comparison (summary.txt)")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     zero = json.loads((args.work / "zero-shot" / "metrics.json").read_text())
     tuned = json.loads((args.work / "finetuned" / "metrics.json").read_text())
-    majority, answers, always_yes = constant_scores(read_rows(args.work / "rows.jsonl"))
+    majority, answers, always_yes = constant_scores(read_rows(args.rows or args.work / "rows.jsonl"))
     (args.out / "tables.md").write_text(render(zero["results"], tuned["results"], majority, answers, always_yes))
+    (args.out / "summary.txt").write_text(summary(zero["results"], tuned["results"], majority))
     copies = {"train/loss_curve.png": "loss_curve.png", "train/train_log.jsonl": "train_log.jsonl",
               "train/val_log.jsonl": "val_log.jsonl", "train/config.json": "train_config.json",
               "zero-shot/metrics.json": "zero-shot_metrics.json", "finetuned/metrics.json": "finetuned_metrics.json"}
@@ -114,7 +134,9 @@ def main() -> None:
         else:   # paths inside the checkout relative to it, the home folder as ~: the report names no machine's folders
             text = (args.work / source).read_text().replace(str(ROOT) + "/", "")
             (args.out / target).write_text(text.replace(str(Path.home()) + "/", "~/"))
-    print(f"wrote {args.out / 'tables.md'} and copies of the run's logs and metrics")
+    if args.print:
+        print((args.out / "summary.txt").read_text(), end="")
+    print(f"wrote {args.out / 'tables.md'}, summary.txt and copies of the run's logs and metrics")
 
 
 if __name__ == "__main__":
