@@ -61,7 +61,7 @@ try:
     from data.encode import encode_prompt
     from metrics import evaluate_task, parse_output
     from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
-    from outdir import FolderLock, finish_pending, read_jsonl, replace_together, staging_folder
+    from outdir import FolderLock, finish_pending, read_jsonl, replace_together, staging_folder, write_atomic
     from tasks import ABBREV, TASKS, canonical_task
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("evaluate.py", e)
@@ -414,18 +414,13 @@ def read_partial(path: Path, settings: dict) -> dict[tuple, tuple[str, int]]:
 
 
 def open_partial(path: Path, settings: dict, kept: list[tuple[dict, int]]):
-    """The partial file, rewritten (through a temporary name) with its header and the `kept` (record,
+    """The partial file, rewritten atomically with its header and the `kept` (record,
     new tokens), open for appending the records generated from now on."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
-        f.write(json.dumps({"partial_predictions_of": "evaluate.py", "settings": settings}) + "\n")
-        for r, tokens in kept:
-            f.write(json.dumps({k: r[k] for k in ("task", "setting", "index", "prompt_sha256", "output")}
-                               | {"new_tokens": tokens}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    lines = [json.dumps({"partial_predictions_of": "evaluate.py", "settings": settings})]
+    lines += [json.dumps({k: r[k] for k in ("task", "setting", "index", "prompt_sha256", "output")} | {"new_tokens": tokens})
+              for r, tokens in kept]
+    write_atomic(path, "".join(line + "\n" for line in lines))
     return open(path, "a", encoding="utf-8", errors="backslashreplace")
 
 
