@@ -8,7 +8,8 @@
 # WORKDIR (default runs/pm-135m) receives rows.jsonl, zero-shot/, train/, finetuned/, decision.md.
 # Environment (defaults in brackets): LR [1e-3], EPOCHS [1], BATCH sequences per step [8], ROWS training rows
 # drawn from the train split [all], MULTITASK=1 adds the other tasks' rows, REPORT where report.py writes
-# [experiments/pm-135m/report], THREADS torch threads [all cores], EVAL_EVERY steps between validations [25].
+# [experiments/pm-135m/report, or report-multitask], THREADS torch threads [all cores], EVAL_EVERY steps between validations [25],
+# ZERO_SHOT=generate evaluates the multi-task run's zero-shot rows again [merge: see merge_zero_shot.py].
 # Each step is skipped when its output is already there; a stopped training run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +20,6 @@ LR=${LR:-1e-3}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-8}
 EVAL_EVERY=${EVAL_EVERY:-25}
-REPORT=${REPORT:-experiments/pm-135m/report}
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 GGUF=$($PY -c "from model.gguf import packaged_smollm2; print(packaged_smollm2())")
 SETTINGS=IND_Diverse_Instruction,IND_Single_Instruction,IND_Unseen_Instruction
@@ -30,9 +30,17 @@ if [ "${MULTITASK:-0}" = 1 ]; then
   SETTINGS=$SETTINGS,OOD_Diverse_Instruction
   MAX_NEW=100,MPC=40,PRP=8,PM=8,PSI=8      # AVE's JSON list keeps the paper's 100
 fi
+REPORT_DEFAULT=experiments/pm-135m/report
+[ "${MULTITASK:-0}" = 1 ] && REPORT_DEFAULT=experiments/pm-135m/report-multitask
+REPORT=${REPORT:-$REPORT_DEFAULT}
 
 $PY experiments/pm-135m/make_rows.py --shared "$SHARED" --out "$WORK" $([ "${MULTITASK:-0}" = 1 ] && echo --multitask)
 
+# Multi-task: its zero-shot rows were all evaluated by the committed zero-shot runs (same model, caps and rows), so
+# their scores are merged from there unless ZERO_SHOT=generate asks for a new run.
+if [ "${MULTITASK:-0}" = 1 ] && [ "${ZERO_SHOT:-merge}" = merge ] && [ ! -f "$WORK/zero-shot/metrics.json" ]; then
+  $PY experiments/pm-135m/merge_zero_shot.py --rows "$WORK/rows.jsonl" --out "$WORK/zero-shot/metrics.json"
+fi
 [ -f "$WORK/zero-shot/metrics.json" ] || \
   $PY evaluate.py --model "$GGUF" --model-name "SmolLM2-135M-Instruct zero-shot" --dataset "$WORK/rows.jsonl" \
     --tasks "$TASKS" --settings "$SETTINGS" --max-new-tokens "$MAX_NEW" --out "$WORK/zero-shot"
