@@ -602,7 +602,7 @@ def render_results_md(args, results: dict, meta: dict) -> str:
               "2024) and the small-model study (Oswal et al.); the study sampled at temperature 0.15, this run is "
               "greedy.", ""]
     notes: list[str] = []
-    ag_proxy = bool(meta["bertscore"]) and (meta["bertscore"]["model"], meta["bertscore"]["layer"]) != PAPER_BERTSCORE
+    ag_proxy = is_ag_proxy(meta["bertscore"])
     for title, setting, published, columns in (("In-domain (IND_Diverse_Instruction)", IND, PAPER_IND, IND_TASKS),
                                                ("Out-of-domain (OOD_Diverse_Instruction)", OOD, PAPER_OOD, OOD_TASKS)):
         lines += comparison_table(title, published, columns, label, run_scores(results, setting, columns),
@@ -617,8 +617,15 @@ def render_results_md(args, results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(results: dict, label: str, path: Path) -> bool:
-    """results.png: this run against the published rows, per task, IND and OOD; False without matplotlib."""
+def is_ag_proxy(bertscore: dict | None) -> bool:
+    """True when AG was scored with another F_BERT encoder than the paper's (roberta-large, layer 17)."""
+    return bool(bertscore) and (bertscore["model"], bertscore["layer"]) != PAPER_BERTSCORE
+
+
+def plot_results(results: dict, label: str, path: Path, ag_proxy: str | None = None) -> bool:
+    """results.png: this run against the published rows, per task, IND and OOD; False without matplotlib.
+    ag_proxy names the stand-in F_BERT encoder when AG was not scored with the paper's: this run's AG bar is
+    then cross-hatched and its tick reads "AG†", and the title says what it was scored with."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -640,9 +647,14 @@ def plot_results(results: dict, label: str, path: Path) -> bool:
                 if any(model.startswith(prefix) and a == abbrev for prefix, a in PAPER_NOTES):
                     bar.set_hatch("//")
                     bar.set_edgecolor("white")
-        ax.set_xticks(range(len(columns)), columns)
+                elif mine and ag_proxy and abbrev == "AG":   # a stand-in encoder's F_BERT: not the published scale
+                    bar.set_hatch("xx")
+                    bar.set_edgecolor("white")
+        ax.set_xticks(range(len(columns)), [f"{c}†" if ag_proxy and c == "AG" else c for c in columns])
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{title}: primary metric per task (paper rules; hatched = footnoted in results.md)")
+        ax.set_title(f"{title}: primary metric per task (paper rules; hatched = footnoted in results.md"
+                     + (f"; AG† cross-hatched: F_BERT from {ag_proxy}, a proxy not comparable with the published AG"
+                        if ag_proxy and "AG" in columns else "") + ")")
         ax.grid(axis="y", alpha=0.3)
     from matplotlib.patches import Patch   # plain swatches: a hatched first bar must not hatch the legend
 
@@ -750,7 +762,8 @@ def evaluate(args, argv) -> int:
                                          errors="backslashreplace")
     (staged / "results.md").write_text(render_results_md(args, results, meta), encoding="utf-8",
                                        errors="backslashreplace")
-    plotted = plot_results(results, label, staged / "results.png")
+    plotted = plot_results(results, label, staged / "results.png",
+                           ag_proxy=bertscore["model"] if is_ag_proxy(bertscore) else None)
     replace_together(out, ["predictions.jsonl", "metrics.json", "results.md"] + (["results.png"] if plotted else []),
                      remove=OUTPUTS)
     (out / PARTIAL).unlink(missing_ok=True)   # the set is whole: the partial predictions are no longer needed

@@ -23,7 +23,7 @@ $PY train.py --model "$MODEL" --dataset "$SAMPLE" --tasks all --setting IND_Dive
   --batch-size 8 --epochs 1 --micro-batch-tokens 2048 --eval-every 16 --out "$OUT/train" --resume auto
 
 [ -f "$OUT/zero-shot/metrics.json" ] || \
-  $PY evaluate.py --model "$MODEL" --quant nf4 --model-name "SmolLM2-135M-Instruct zero-shot" "${EVAL[@]}" \
+  $PY evaluate.py --model "$MODEL" --model-name "SmolLM2-135M-Instruct zero-shot" "${EVAL[@]}" \
     --out "$OUT/zero-shot"
 $PY evaluate.py --model "$MODEL" --quant nf4 --adapter "$OUT/train/best" --model-name "SmolLM2-135M-Instruct + QLoRA" \
   "${EVAL[@]}" --out "$OUT/finetuned"

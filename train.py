@@ -16,7 +16,8 @@ What one optimizer step does (Trainer.step):
   1. the step's 128 rows come from data.plan_epoch (a pure function of seed and epoch, so resuming is
      "skip the steps already done"), already cut into length-grouped micro-batches;
   2. N = the supervised tokens of the whole step (all micro-batches, all ranks), known before any forward;
-  3. each micro-batch: loss = (sum of token cross-entropies) / N, backward. The gradients add up to
+  3. each micro-batch, its rows laid end to end without padding (data.pack, model.Packing: only attention
+     sees them padded): loss = (sum of token cross-entropies) / N, backward. The gradients add up to
      the gradient of the mean over every supervised token of the step, however the rows were split
      (not a mean of micro-batch means, the 2024 gradient-accumulation bug);
   4. under torchrun each rank runs its share of the micro-batches (round robin) and the LoRA
@@ -68,10 +69,10 @@ try:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from data import (SETTINGS, DataError, collate, parse_settings, parse_tasks, plan_epoch, read_rows,
+    from data import (SETTINGS, DataError, pack, parse_settings, parse_tasks, plan_epoch, read_rows,
                       select_rows, tokenize_rows)
     from data.batching import padding_stats
-    from model import PRESETS, count_parameters, load_model, load_tokenizer
+    from model import PRESETS, Packing, count_parameters, load_model, load_tokenizer
     from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, rng_state, set_rng_state
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("train.py", e)
@@ -157,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per optimizer step, the effective batch over micro-batches and ranks "
                         "(default: %(default)s)")
     g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="padded tokens per forward pass (per rank); lower it on out-of-memory. Changes speed, "
-                        "not the gradient (default: %(default)s)")
+                   help="micro-batch size in padded tokens (rows x longest row, per rank): the linear layers see "
+                        "only the real tokens, attention the padded block; lower it on out-of-memory. Changes "
+                        "speed, not the gradient (default: %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warm-up before the "
                                                                     "cosine decay (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
@@ -340,7 +342,8 @@ def describe_data(train_rows: list[dict], data: Data, args, tokenizer) -> str:
         describe_tokenized(train_rows, data.train, tokenizer, train_on_inputs=args.train_on_inputs),
         f"\nvalidation: {len(data.val) if data.val is not None else 0} rows",
         f"steps: {data.steps_per_epoch} per epoch, {data.total_steps} in all, {data.warmup} of warm-up; "
-        f"{pad['micro_batches'] / max(pad['steps'], 1):.1f} micro-batches per step, {pad['padding']:.1%} padding"])
+        f"{pad['micro_batches'] / max(pad['steps'], 1):.1f} micro-batches per step; {pad['padding']:.1%} of attention's "
+        "padded layout is padding (the rest of the network runs padding-free)"])
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -401,19 +404,21 @@ def _chunk_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def token_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 2048,
+                   packing: Packing | None = None) -> torch.Tensor:
     """Sum over supervised tokens of -log p(label), a float32 scalar.
 
     labels (B, T) are aligned with input_ids (Hugging Face convention): the hidden state at position t
-    predicts labels[:, t + 1]; -100 (prompt, padding) is not supervised. Only supervised positions go
-    through lm_head, `chunk` at a time, each chunk under non-reentrant checkpointing so its logits are
-    recomputed in backward instead of kept.
+    predicts labels[:, t + 1]; -100 (prompt, padding) is not supervised. With `packing`, input_ids and
+    labels are (1, N), the rows end to end (data.pack: each row's first label is -100, so no row
+    predicts the next one's first token). Only supervised positions go through lm_head, `chunk` at a
+    time, each chunk under non-reentrant checkpointing so its logits are recomputed in backward.
     """
-    hidden = model(input_ids, return_hidden=True)               # (B, T, H)
+    hidden = model(input_ids, packing=packing, return_hidden=True)   # (B, T, H); packed: (1, N, H)
     targets = labels[:, 1:]                                      # (B, T-1)
     keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1][keep]                                     # (N, H) supervised positions only
-    y = targets[keep]                                            # (N,)
+    h = hidden[:, :-1][keep]                                     # (n, H) supervised positions only
+    y = targets[keep]                                            # (n,)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad = torch.is_grad_enabled()
     for i in range(0, y.numel(), chunk):
@@ -443,22 +448,23 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batches_of(tokenized, micro_batch: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    b = collate([tokenized.input_ids[i] for i in micro_batch], [tokenized.labels[i] for i in micro_batch],
-                pad_id=pad_id)
-    return b["input_ids"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True)
+def batches_of(tokenized, micro_batch: list[int], device) -> tuple[torch.Tensor, torch.Tensor, Packing]:
+    """A micro-batch padding-free: ids and labels (1, N), its rows end to end, and their Packing."""
+    b = pack([tokenized.input_ids[i] for i in micro_batch], [tokenized.labels[i] for i in micro_batch])
+    return (b["input_ids"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True),
+            Packing(b["lengths"], device))
 
 
 @torch.no_grad()
-def validation_loss(model, val, micro_batches, val_sup, *, pad_id, device, rank, world, chunk) -> tuple[float, int]:
+def validation_loss(model, val, micro_batches, val_sup, *, device, rank, world, chunk) -> tuple[float, int]:
     """Mean cross-entropy per supervised token over the validation subset (dropout off), all ranks."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for mb in micro_batches[rank::world]:
-        ids, labels = batches_of(val, mb, pad_id, device)
-        total += token_loss_sum(model, ids, labels, chunk).double()
+        ids, labels, packing = batches_of(val, mb, device)
+        total += token_loss_sum(model, ids, labels, chunk, packing).double()
         count += int(val_sup[mb].sum())
     both = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if world > 1:
@@ -557,7 +563,6 @@ class Trainer:
     model: torch.nn.Module
     params: list
     data: Data
-    pad_id: int
     folder: RunFolder
     config: dict
     base_name: str | None            # the hub id adapters name as their base (never a path of this machine)
@@ -634,8 +639,7 @@ class Trainer:
         d, p = self.data, self.progress
         if d.val is None:
             return None
-        loss, tokens = validation_loss(self.model, d.val, self.val_micro, d.val_sup, pad_id=self.pad_id,
-                                       device=self.device, rank=self.rank, world=self.world,
+        loss, tokens = validation_loss(self.model, d.val, self.val_micro, d.val_sup, device=self.device, rank=self.rank, world=self.world,
                                        chunk=self.args.loss_chunk_tokens)
         improved = p.best_val is None or loss < p.best_val
         if improved:
@@ -670,14 +674,14 @@ class Trainer:
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         try:
             for mb in micro[self.rank::self.world]:
-                ids, labels = batches_of(d.train, mb, self.pad_id, self.device)
-                loss = token_loss_sum(self.model, ids, labels, a.loss_chunk_tokens) / n_sup
+                ids, labels, packing = batches_of(d.train, mb, self.device)
+                loss = token_loss_sum(self.model, ids, labels, a.loss_chunk_tokens, packing) / n_sup
                 if a.debug_nan_at_step is not None and p.step + 1 == a.debug_nan_at_step:
                     loss = loss * float("nan")
                 loss.backward()
                 step_loss += loss.detach()
         except torch.OutOfMemoryError:
-            fail(f"out of memory at step {p.step + 1} (micro-batch of {ids.shape[0]} x {ids.shape[1]} tokens): "
+            fail(f"out of memory at step {p.step + 1} (micro-batch of {len(mb)} rows, {ids.shape[1]} tokens): "
                  f"lower --micro-batch-tokens (now {a.micro_batch_tokens})"
                  + ("" if self.model.gradient_checkpointing else ", or pass --gradient-checkpointing on")
                  + f", or lower --cutoff (now {a.cutoff}); the last checkpoint is kept. "
@@ -908,7 +912,7 @@ def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config:
         f"{data.train.stats.get('dropped', 0)} dropped), {n_val} validation; {data.steps_per_epoch} steps per epoch "
         f"of {args.batch_size} sequences, {data.total_steps} steps, {data.warmup} warm-up"
         + (f", {world} processes" if world > 1 else ""))
-    return Trainer(args, model, params, data, tokenizer.pad_id, folder, config, base_name, base, device, rank, world)
+    return Trainer(args, model, params, data, folder, config, base_name, base, device, rank, world)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ r=16 alpha=16 dropout=0.1 on q,k,v,o,gate,up,down and lm_head, float32 adapter w
 (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient norm clipped at 1; gradient
 checkpointing as train.py's auto (on from 1B parameters) unless --gradient-checkpointing says.
 One step = forward, loss = mean cross-entropy over the supervised tokens, backward, clip, AdamW.
-Ours: train.py's `token_loss_sum` on one right-padded micro-batch (data.collate), as train.py runs
-it. Peer: `LlamaForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4))` +
+Ours: train.py's `token_loss_sum` on the batch as one padding-free micro-batch (data.pack +
+model.Packing), as train.py runs it. Peer: `LlamaForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4))` +
 `peft.get_peft_model`, `model(input_ids, attention_mask, labels).loss` on the same padded tensors.
 
 Each side runs in a process of its own: --warmup untimed steps, then --steps timed steps. Reported:
@@ -85,15 +85,19 @@ def adamw_stepper(model, loss_of):
 
 
 def ours_stepper(folder: Path, dtype, device, spec, batch):
+    from data import pack
     from lora import apply_lora
+    from model import Packing
     from train import token_loss_sum
 
     model = common.load_ours(folder, dtype, device)
     apply_lora(model, r=16, alpha=16, dropout=0.1, quantize="nf4", compute_dtype=dtype, lora_dtype=torch.float32)
     model.gradient_checkpointing = spec["gradient_checkpointing"]
-    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    packed = pack(spec["input_ids"], spec["labels"])    # the rows end to end: (1, N), as train.py runs them
+    ids, labels, packing = packed["input_ids"].to(device), packed["labels"].to(device), Packing(packed["lengths"], device)
     n_sup = int((labels[:, 1:] != -100).sum())
-    return adamw_stepper(model, lambda: token_loss_sum(model, ids, labels) / n_sup)
+    assert n_sup == int((batch["labels"][:, 1:] != -100).sum()), "packing changed the supervised tokens"
+    return adamw_stepper(model, lambda: token_loss_sum(model, ids, labels, packing=packing) / n_sup)
 
 
 def peer_stepper(folder: Path, dtype, device, spec, batch):

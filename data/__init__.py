@@ -14,7 +14,7 @@ selection holds. DEFAULT_SAMPLE is the small in-repo sample (CC-BY-4.0, see data
 
 from pathlib import Path
 
-from .batching import collate, padding_stats, plan_epoch
+from .batching import collate, pack, padding_stats, plan_epoch
 from .ecinstruct import (DEFAULT_SETTING, FIELDS, SETTINGS, SPLITS, DataError, describe_counts, load_rows,
                          parse_settings, parse_split, parse_tasks, read_rows, select_rows)
 from .encode import IGNORE_INDEX, TokenizedData, encode_example, encode_prompt, tokenize_rows
@@ -24,7 +24,7 @@ DEFAULT_SAMPLE: Path = Path(__file__).resolve().parent / "sample" / "ecinstruct_
 
 __all__ = [
     "DEFAULT_SAMPLE", "DEFAULT_SETTING", "FIELDS", "IGNORE_INDEX", "RESPONSE_SPLIT", "SETTINGS", "SPLITS",
-    "DataError", "TokenizedData", "collate", "describe_counts", "encode_example", "encode_prompt", "load_rows",
+    "DataError", "TokenizedData", "collate", "describe_counts", "encode_example", "encode_prompt", "load_rows", "pack",
     "padding_stats", "parse_settings", "parse_split", "parse_tasks", "plan_epoch", "read_rows", "render_prompt",
     "select_rows", "tokenize_rows",
 ]

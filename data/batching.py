@@ -1,4 +1,4 @@
-"""Epoch plans (steps -> length-grouped micro-batches -> row indices) and the padding collator.
+"""Epoch plans (steps -> length-grouped micro-batches -> row indices), the padding collator and the packer.
 
 An optimizer step takes `seqs_per_step` rows drawn at random (eCeLLM: 128, as gradient accumulation
 over micro-batches of 1). We keep the rows of a step random, so a step's gradient is the same
@@ -128,3 +128,24 @@ def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
         out_labels[b, : len(y)] = torch.as_tensor(y, dtype=torch.long)
         mask[b, : len(x)] = True
     return {"input_ids": ids, "labels": out_labels, "attention_mask": mask}
+
+
+def pack(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict:
+    """Lay a micro-batch's rows end to end, without padding (train.py's layout; model.Packing runs it).
+
+    Returns input_ids (1, N) long and labels (1, N) long, N = the rows' total length, and `lengths`,
+    the rows' lengths in order. Each row's first label becomes -100: labels[0] is never a target
+    (labels are aligned with input_ids, position t predicts labels[t + 1]), and in the packed
+    sequence the last token of one row must not be asked to predict the first of the next.
+    """
+    if len(input_ids) != len(labels) or not input_ids:
+        raise ValueError("pack needs as many label rows as id rows, and at least one row")
+    lengths = [len(x) for x in input_ids]
+    for b, (n, y) in enumerate(zip(lengths, labels)):
+        if n != len(y) or n == 0:
+            raise ValueError(f"row {b}: {n} ids but {len(y)} labels (and a row needs at least one token)")
+    ids = torch.as_tensor(np.concatenate([np.asarray(x, dtype=np.int64) for x in input_ids]))[None]   # (1, N)
+    out_labels = torch.as_tensor(np.concatenate([np.asarray(y, dtype=np.int64) for y in labels]))[None]
+    starts = np.cumsum([0] + lengths[:-1])
+    out_labels[0, torch.as_tensor(starts)] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": out_labels, "lengths": lengths}

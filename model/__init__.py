@@ -2,9 +2,9 @@
 
 from .config import PRESETS, ModelConfig
 from .generate import generate, generate_batched
-from .llama import KVCache, Llama, count_parameters
+from .llama import KVCache, Llama, Packing, count_parameters
 from .load import build_model, load_model, load_tokenizer, read_safetensors, resolve_source
 from .tokenizer import Tokenizer
 
-__all__ = ["PRESETS", "ModelConfig", "Llama", "KVCache", "Tokenizer", "load_model", "load_tokenizer", "build_model",
+__all__ = ["PRESETS", "ModelConfig", "Llama", "KVCache", "Packing", "Tokenizer", "load_model", "load_tokenizer", "build_model",
            "read_safetensors", "resolve_source", "generate", "generate_batched", "count_parameters"]

@@ -14,7 +14,9 @@ state dict loads as it is. Conventions, each matching transformers' `LlamaForCau
 
 Padding is handled by position, never by token id: `attention_mask` (batch, time) marks the real
 tokens, and `position_ids` count only those. Generation uses `KVCache`, a preallocated cache that
-all rows of a batch fill in step.
+all rows of a batch fill in step. Training runs padding-free (`Packing`): the rows of a micro-batch
+are laid end to end as one sequence, so every linear layer multiplies real tokens only, and only
+attention sees them as a right-padded (rows, longest) batch.
 """
 
 from __future__ import annotations
@@ -94,6 +96,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
+class Packing:
+    """Rows of lengths L_0..L_{B-1} laid end to end as one sequence of N = sum(L_b) tokens, no padding.
+
+    Token j of the packed sequence is position p = j - start[b] of row b; in the right-padded
+    (B, T = max L_b) layout that attention uses it sits at flat index b * T + p. `pad` scatters packed
+    activations (1, N, D) to (B, T, D) with zeros on the padding; `unpad` gathers them back. A causal
+    mask over right padding never lets a real query see a padding key, so attention over the padded
+    layout is exactly attention within each row, and the rest of the network (embedding, norms,
+    projections, MLP, head) never computes a padding position.
+    """
+
+    def __init__(self, lengths: list[int], device=None):
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"Packing needs at least one row and rows of at least one token, got {lengths}")
+        self.rows, self.width, self.tokens = len(lengths), max(lengths), sum(lengths)
+        lens = torch.as_tensor(lengths, device=device)                             # (B,)
+        row = torch.repeat_interleave(torch.arange(self.rows, device=device), lens)  # (N,) row of each token
+        starts = torch.cumsum(lens, 0) - lens                                     # (B,)
+        position = torch.arange(self.tokens, device=device) - starts[row]         # (N,) position in its row
+        self.index = row * self.width + position                                  # (N,) into (B * T)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, N, D) packed -> (B, T, D) right-padded, zeros on padding."""
+        flat = x.new_zeros(self.rows * self.width, x.shape[-1]).index_copy(0, self.index, x[0])  # (B*T, D)
+        return flat.view(self.rows, self.width, x.shape[-1])
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) right-padded -> (1, N, D) packed."""
+        return y.reshape(self.rows * self.width, y.shape[-1])[self.index][None]
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for every layer: (layers, B, n_kv, max_len, hd) each.
 
@@ -128,17 +161,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, config.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, n_kv, T, hd)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, packing: Packing | None = None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)               # (B, T, heads * hd)
+        if packing is not None:                                                # (1, N, .) -> (rows, width, .)
+            q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)                 # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                              # (B, n_kv, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)             # (B, T, n_head * hd)
+        return self.o_proj(y if packing is None else packing.unpad(y))
 
 
 class MLP(nn.Module):
@@ -163,8 +200,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, packing=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -196,15 +233,23 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                packing: Packing | None = None, return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states (B, T, hidden).
 
         attention_mask (B, S): True/1 for real tokens over every position seen so far (the cache's
         and these T); needed only when a batch holds padding that later tokens must not see.
         position_ids (B, T): defaults to the positions after what the cache holds.
+        packing: input_ids (1, N) holds packing.rows rows end to end (training, no cache, no mask);
+        the output is (1, N, .), each row's positions counted from 0.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if packing is not None:
+            if cache is not None or attention_mask is not None or position_ids is not None or B != 1:
+                raise ValueError("packing takes input_ids (1, N) alone: no cache, attention_mask or position_ids")
+            if T != packing.tokens:
+                raise ValueError(f"packing holds {packing.tokens} tokens, input_ids {T}")
+            position_ids = torch.arange(packing.width, device=input_ids.device)[None]   # (1, width): attention's layout
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
@@ -221,9 +266,9 @@ class Llama(nn.Module):
                 mask = (mask & attention_mask[:, None, None, :S].bool()) | (k_pos == q_pos)[None, None]
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, cache, packing, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, mask, cache, packing)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)

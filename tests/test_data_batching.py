@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data import collate, padding_stats, plan_epoch
+from data import collate, pack, padding_stats, plan_epoch
 from data.batching import pack_by_length, round_up
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=3000), min_size=0, max_size=400)
@@ -81,3 +81,17 @@ def test_collate_pads_right_to_a_multiple_of_8():
     assert collate(ids, labels, pad_id=0, multiple_of=1)["input_ids"].shape == (2, 9)
     with pytest.raises(ValueError, match="row 0: 3 ids but 2 labels"):
         collate([[1, 2, 3]], [[1, 2]], pad_id=0)
+
+
+def test_pack_lays_rows_end_to_end_and_masks_each_first_label():
+    ids = [[5, 6, 7], [1, 2, 3, 4]]
+    labels = [[5, 6, 7], [-100, -100, 3, 4]]          # the first row is trained on inputs: labels[0] = 5
+    batch = pack(ids, labels)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 2, 3, 4]]
+    # row 0's first label and row 1's first label are never targets: 7 must not be asked to predict 1
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 3, 4]]
+    assert batch["lengths"] == [3, 4]
+    with pytest.raises(ValueError, match="row 1: 2 ids but 1 labels"):
+        pack([[1], [1, 2]], [[1], [2]])
+    with pytest.raises(ValueError, match="at least one row"):
+        pack([], [])

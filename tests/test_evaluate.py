@@ -351,3 +351,24 @@ def test_unknown_setting_in_predictions_is_refused(preds_file, tmp_path, capsys)
         {"task": "Product_Matching", "setting": "ind_diverse_instruction", "index": 2, "prediction": "no"}) + "\n")
     code, err = run_error(["--predictions", str(bad), "--dataset", str(DEFAULT_SAMPLE), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "unknown setting(s) 'ind_diverse_instruction'" in err and str(bad) in err
+
+
+@pytest.mark.parametrize("proxy", [None, "sentence-transformers/all-MiniLM-L6-v2"])
+def test_chart_marks_a_stand_in_f_bert(tmp_path, monkeypatch, proxy):
+    """results.png: AG scored with another encoder than the paper's is cross-hatched and its tick reads AG†."""
+    import matplotlib.figure
+
+    seen = {}
+
+    def capture(fig, path, **kwargs):
+        ax = fig.axes[0]
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        mine = [b for b in ax.patches if b.get_facecolor()[:3] == (0.0, 0.0, 0.0)]   # this run's bars: black
+        seen.update(ticks=ticks, hatch=mine[ticks.index("AG†" if proxy else "AG")].get_hatch(), title=ax.get_title())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    results = {"Answer_Generation": {"IND_Diverse_Instruction": {"paper": {"score": 0.8}, "strict": {"score": 0.8}}}}
+    assert evaluate.plot_results(results, "mine", tmp_path / "results.png", ag_proxy=proxy)
+    assert ("AG†" in seen["ticks"]) == bool(proxy) and ("AG" in seen["ticks"]) == (not proxy)
+    assert seen["hatch"] == ("xx" if proxy else None)
+    assert ("a proxy not comparable" in seen["title"]) == bool(proxy)

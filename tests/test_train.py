@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import train
 from run_folder import list_checkpoints
-from data import collate
+from data import collate, pack
 from lora import apply_lora, load_adapter
 from metrics.tasks import TASKS
 from model import load_model
@@ -124,6 +124,53 @@ def test_accumulation_normalisation_equals_one_big_batch(tiny_dir):
     means = [train.token_loss_sum(model, *(lambda c: (c["input_ids"], c["labels"]))(collate([i], [l], pad_id=2))).item()
              / sum(v != -100 for v in l[1:]) for i, l in rows]
     assert abs(sum(means) / 3 - ref.item()) > 1e-3
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_micro_batch_equals_the_padded_one(tiny_dir, checkpointing):
+    """Rows laid end to end without padding (data.pack + model.Packing, what train.py runs) give each row's
+    hidden states, the loss and the LoRA gradients of the right-padded batch, with grouped-query attention
+    and rows of different lengths; with layer checkpointing too."""
+    from model import Packing
+
+    model, _ = load_model(tiny_dir)
+    apply_lora(model, dropout=0.0)
+    model.gradient_checkpointing = checkpointing
+    model.train()
+    torch.manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for length, supervised in ((37, 5), (9, 9), (23, 1), (30, 12)):
+        ids = torch.randint(3, 384, (length,), generator=g).tolist()
+        rows.append((ids, [-100] * (length - supervised) + ids[length - supervised:]))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    padded = collate([r[0] for r in rows], [r[1] for r in rows], pad_id=2)
+    loss_padded = train.token_loss_sum(model, padded["input_ids"], padded["labels"], chunk=8)
+    loss_padded.backward()
+    grads_padded = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+
+    packed = pack([r[0] for r in rows], [r[1] for r in rows])
+    packing = Packing(packed["lengths"])
+    loss_packed = train.token_loss_sum(model, packed["input_ids"], packed["labels"], chunk=8, packing=packing)
+    loss_packed.backward()
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-6, atol=1e-6)
+    for gp, p in zip(grads_padded, params):
+        torch.testing.assert_close(p.grad, gp, rtol=1e-5, atol=1e-7)
+
+    with torch.no_grad():   # every row's hidden states, packed or alone
+        hidden = model(packed["input_ids"], packing=packing, return_hidden=True)[0]   # (N, H)
+        start = 0
+        for ids, _ in rows:
+            alone = model(torch.tensor([ids]), return_hidden=True)[0]
+            torch.testing.assert_close(hidden[start:start + len(ids)], alone, rtol=1e-5, atol=1e-5)
+            start += len(ids)
+    with pytest.raises(ValueError, match="packing holds 98 tokens, input_ids 99"):
+        model(packed["input_ids"], packing=Packing([90, 8]))
 
 
 def test_lr_schedule_warmup_then_cosine():
