@@ -17,7 +17,8 @@ r=16 alpha=16 dropout=0.1 on q,k,v,o,gate,up,down and lm_head, float32 adapter w
 checkpointing as train.py's auto (on from 1B parameters) unless --gradient-checkpointing says.
 One step = forward, loss = mean cross-entropy over the supervised tokens, backward, clip, AdamW.
 Ours: train.py's `token_loss_sum` on the batch as one padding-free micro-batch (data.pack +
-model.Packing), as train.py runs it. Peer: `LlamaForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4))` +
+model.Packing), as train.py runs it; side `ours-padded` runs the same rows right-padded (data.collate), the
+layout before train.py went padding-free, to show what packing itself is worth. Peer: `LlamaForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(nf4))` +
 `peft.get_peft_model`, `model(input_ids, attention_mask, labels).loss` on the same padded tensors.
 
 Each side runs in a process of its own: --warmup untimed steps, then --steps timed steps. Reported:
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
-    p.add_argument("--sides", default="ours,peer", help="ours, peer or both (default)")
+    p.add_argument("--sides", default="ours,peer", help="comma list of ours, ours-padded, peer (default: ours,peer)")
     p.add_argument("--out", help="folder for report.md and results.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -93,8 +94,11 @@ def ours_stepper(folder: Path, dtype, device, spec, batch):
     model = common.load_ours(folder, dtype, device)
     apply_lora(model, r=16, alpha=16, dropout=0.1, quantize="nf4", compute_dtype=dtype, lora_dtype=torch.float32)
     model.gradient_checkpointing = spec["gradient_checkpointing"]
-    packed = pack(spec["input_ids"], spec["labels"])    # the rows end to end: (1, N), as train.py runs them
-    ids, labels, packing = packed["input_ids"].to(device), packed["labels"].to(device), Packing(packed["lengths"], device)
+    if spec["side"] == "ours-padded":
+        ids, labels, packing = batch["input_ids"].to(device), batch["labels"].to(device), None
+    else:   # the rows end to end: (1, N), as train.py runs them
+        packed = pack(spec["input_ids"], spec["labels"])
+        ids, labels, packing = packed["input_ids"].to(device), packed["labels"].to(device), Packing(packed["lengths"], device)
     n_sup = int((labels[:, 1:] != -100).sum())
     assert n_sup == int((batch["labels"][:, 1:] != -100).sum()), "packing changed the supervised tokens"
     return adamw_stepper(model, lambda: token_loss_sum(model, ids, labels, packing=packing) / n_sup)
@@ -126,7 +130,7 @@ def worker(spec_path: str) -> None:
     device = common.worker_setup(spec)
     dtype = DTYPES[spec["dtype"]]
     batch = collate(spec["input_ids"], spec["labels"], pad_id=spec["pad_id"])
-    step, n_train = (ours_stepper if spec["side"] == "ours" else peer_stepper)(Path(spec["folder"]), dtype, device,
+    step, n_train = (peer_stepper if spec["side"] == "peer" else ours_stepper)(Path(spec["folder"]), dtype, device,
                                                                               spec, batch)
     losses = [step() for _ in range(spec["warmup"])]
     common.reset_peak(device)
@@ -191,7 +195,7 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
            "ours/peer tokens/s | ours/peer memory |",
            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for line in lines:
-        for side in ("ours", "peer"):
+        for side in ("ours", "ours-padded", "peer"):
             if side not in line:
                 continue
             r = line[side]

@@ -9,6 +9,7 @@ zero-shot_metrics.json, finetuned_metrics.json (copies of the run's files, so th
 Majority-class baseline of a task: the gold answer most frequent among the *training* rows of that task,
 given as the prediction for every evaluation row (AVE: every target attribute answered "None").
 For the yes/no tasks (PM, PSI) the always-"yes" answer is shown too: F1 of "yes" makes it the stronger one.
+QPR (its score needs each row's ESCI labels) and AG (F_BERT needs an encoder) get no majority score: "–".
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tasks import ABBREV, TASKS  # noqa: E402
 
 SETTINGS = ("IND_Diverse_Instruction", "IND_Single_Instruction", "IND_Unseen_Instruction", "OOD_Diverse_Instruction")
 AVE = "Attribute_Value_Extraction"
+NO_CONSTANT = ("Query_Product_Rank", "Answer_Generation")   # scored with inputs a constant answer lacks
 
 
 def null_attributes(row: dict) -> str:
@@ -55,7 +57,7 @@ def constant_scores(rows: list[dict]) -> tuple[dict, dict, dict]:
     for task in TASKS:
         for setting in SETTINGS:
             block = [r for r in rows if r["task"] == task and r["setting"] == setting and r["split"] == "test"]
-            if not block:
+            if not block or task in NO_CONSTANT:
                 continue
             gold = [r["output"] for r in block]
             predictions = [null_attributes(r) if task == AVE else answers[task] for r in block]
@@ -78,6 +80,10 @@ def cell(block: dict, mode: str) -> str:
     return f"{block[mode]['score']:.3f}"
 
 
+def score_or_dash(scores: dict, key: tuple[str, str], width: int = 0) -> str:
+    return f"{scores[key]:>{width}.3f}" if key in scores else f"{'–':>{width}}"
+
+
 def render(zero: dict, tuned: dict, majority: dict, answers: dict, always_yes: dict) -> str:
     lines = ["| task | setting | metric | majority | always yes | zero-shot paper | zero-shot strict | zero-shot invalid | "
              "fine-tuned paper | fine-tuned strict | fine-tuned invalid | SmolLM2-360M-EC (study) |",
@@ -87,9 +93,8 @@ def render(zero: dict, tuned: dict, majority: dict, answers: dict, always_yes: d
             if setting not in tuned.get(task, {}):
                 continue
             z, t = zero[task][setting], tuned[task][setting]
-            yes_cell = f"{always_yes[task, setting]:.3f}" if (task, setting) in always_yes else "–"
             lines.append(f"| {ABBREV[task]} | {setting.replace('_Instruction', '')} | {t['paper']['metric']} | "
-                         f"{majority[task, setting]:.3f} | {yes_cell} | {cell(z, 'paper')} | {cell(z, 'strict')} | "
+                         f"{score_or_dash(majority, (task, setting))} | {score_or_dash(always_yes, (task, setting))} | {cell(z, 'paper')} | {cell(z, 'strict')} | "
                          f"{z['paper']['n_invalid']}/{z['paper']['n']} | {cell(t, 'paper')} | {cell(t, 'strict')} | "
                          f"{t['paper']['n_invalid']}/{t['paper']['n']} | {published(task, setting)} |")
     lines += ["", "Majority answers (most frequent gold answer among the training rows):", ""]
@@ -107,7 +112,7 @@ def summary(zero: dict, tuned: dict, majority: dict) -> str:
                 continue
             z, t = zero[task][setting]["strict"], tuned[task][setting]["strict"]
             lines.append(f"{ABBREV[task]:<5} {setting.replace('_Instruction', ''):<14} {t['metric']:<9} "
-                         f"{majority[task, setting]:>8.3f} {z['score']:>10.3f} ({z['n_invalid']:>3}/{z['n']:<3}) "
+                         f"{score_or_dash(majority, (task, setting), 8)} {z['score']:>10.3f} ({z['n_invalid']:>3}/{z['n']:<3}) "
                          f"{t['score']:>11.3f} ({t['n_invalid']:>3}/{t['n']:<3})")
     return "\n".join(lines) + "\n"
 
