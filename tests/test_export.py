@@ -287,7 +287,7 @@ def test_evaluate_scores_the_export_as_model_plus_adapter(bases, adapters, tmp_p
               "--dtype", "fp32"]   # the fp32 exports against the fp32 model (auto is bf16 on a CPU with native bf16)
     runs = {"adapter": ["--model", str(base), "--adapter", str(adapter)], "hf": ["--model", str(tmp_path / "hf")],
             "gguf": ["--model", str(tmp_path / "m.gguf")]}
-    monkeypatch.setattr(evaluate, "plot_results", lambda *args: False)   # no bar charts: seconds of matplotlib
+    monkeypatch.setattr(evaluate, "plot_results", lambda *args, **kwargs: False)   # no bar charts: seconds of matplotlib
     results = {}
     for name, model_args in runs.items():
         assert evaluate.main([*model_args, *common, "--out", str(tmp_path / f"eval-{name}")]) == 0

@@ -179,8 +179,8 @@ def test_a_loss_frozen_at_ln_vocab_with_zero_gradient_stops(tiny_dir, rows_file,
     """The collapse itself: an all-zero hidden state gives the uniform loss ln(vocab) and a zero gradient."""
     loss_sum = train.token_loss_sum
 
-    def collapsed(model, ids, labels, chunk=2048):
-        real = loss_sum(model, ids, labels, chunk)
+    def collapsed(model, ids, labels, chunk=2048, packing=None):
+        real = loss_sum(model, ids, labels, chunk, packing)
         uniform = math.log(model.config.vocab_size) * int((labels[:, 1:] != -100).sum())
         return real * 0 + uniform   # the graph stays, the gradient is exactly zero
 
