@@ -639,8 +639,8 @@ class Trainer:
         d, p = self.data, self.progress
         if d.val is None:
             return None
-        loss, tokens = validation_loss(self.model, d.val, self.val_micro, d.val_sup, device=self.device, rank=self.rank, world=self.world,
-                                       chunk=self.args.loss_chunk_tokens)
+        loss, tokens = validation_loss(self.model, d.val, self.val_micro, d.val_sup, device=self.device,
+                                       rank=self.rank, world=self.world, chunk=self.args.loss_chunk_tokens)
         improved = p.best_val is None or loss < p.best_val
         if improved:
             p.best_val, p.best_step = loss, p.step
