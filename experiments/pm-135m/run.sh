@@ -9,7 +9,7 @@
 # Environment (defaults in brackets): LR [1e-3], EPOCHS [1], BATCH sequences per step [8], ROWS training rows
 # drawn from the train split [all], MULTITASK=1 adds the other tasks' rows, REPORT where report.py writes
 # [experiments/pm-135m/report, or report-multitask], THREADS torch threads [all cores], EVAL_EVERY steps between validations [25],
-# ZERO_SHOT=generate evaluates the multi-task run's zero-shot rows again [merge: see merge_zero_shot.py].
+# ZERO_SHOT=generate evaluates the multi-task run's zero-shot rows again [merge: see merge_metrics.py].
 # Each step is skipped when its output is already there; a stopped training run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,7 +39,8 @@ $PY experiments/pm-135m/make_rows.py --shared "$SHARED" --out "$WORK" $([ "${MUL
 # Multi-task: its zero-shot rows were all evaluated by the committed zero-shot runs (same model, caps and rows), so
 # their scores are merged from there unless ZERO_SHOT=generate asks for a new run.
 if [ "${MULTITASK:-0}" = 1 ] && [ "${ZERO_SHOT:-merge}" = merge ] && [ ! -f "$WORK/zero-shot/metrics.json" ]; then
-  $PY experiments/pm-135m/merge_zero_shot.py --rows "$WORK/rows.jsonl" --out "$WORK/zero-shot/metrics.json"
+  $PY experiments/pm-135m/merge_metrics.py --rows "$WORK/rows.jsonl" --out "$WORK/zero-shot/metrics.json" \
+    experiments/pm-135m/report/zero-shot_metrics.json experiments/smollm2-135m-real/zero-shot_metrics.json
 fi
 [ -f "$WORK/zero-shot/metrics.json" ] || \
   $PY evaluate.py --model "$GGUF" --model-name "SmolLM2-135M-Instruct zero-shot" --dataset "$WORK/rows.jsonl" \
