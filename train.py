@@ -16,8 +16,8 @@ What one optimizer step does (Trainer.step):
   1. the step's 128 rows come from data.plan_epoch (a pure function of seed and epoch, so resuming is
      "skip the steps already done"), already cut into length-grouped micro-batches;
   2. N = the supervised tokens of the whole step (all micro-batches, all ranks), known before any forward;
-  3. each micro-batch, its rows laid end to end without padding (data.pack, model.Packing: only attention
-     sees them padded): loss = (sum of token cross-entropies) / N, backward. The gradients add up to
+  3. each micro-batch, its rows laid end to end without padding (data.pack, model.Packing: attention
+     row by row): loss = (sum of token cross-entropies) / N, backward. The gradients add up to
      the gradient of the mean over every supervised token of the step, however the rows were split
      (not a mean of micro-batch means, the 2024 gradient-accumulation bug);
   4. under torchrun each rank runs its share of the micro-batches (round robin) and the LoRA
@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per optimizer step, the effective batch over micro-batches and ranks "
                         "(default: %(default)s)")
     g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="micro-batch size in padded tokens (rows x longest row, per rank): the linear layers see "
-                        "only the real tokens, attention the padded block; lower it on out-of-memory. Changes "
-                        "speed, not the gradient (default: %(default)s)")
+                   help="micro-batch budget in rows x longest row (per rank), rows grouped by length within it; "
+                        "the rows then run end to end, nothing computed on padding; lower it on out-of-memory. "
+                        "Changes speed, not the gradient (default: %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warm-up before the "
                                                                     "cosine decay (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
@@ -333,7 +333,7 @@ def tokenize_data(args, train_rows: list[dict], val_rows: list[dict], tokenizer,
 
 def describe_data(train_rows: list[dict], data: Data, args, tokenizer) -> str:
     """The --dry-run report: data.inspect's token lengths per task and example, then validation rows, steps
-    and the padding of the length-grouped micro-batches."""
+    and the length-grouped micro-batches."""
     from data.inspect import describe_tokenized
 
     pad = padding_stats(data.train.lengths, plan_epoch(data.train.lengths, epoch=0, seed=args.seed,
@@ -342,8 +342,8 @@ def describe_data(train_rows: list[dict], data: Data, args, tokenizer) -> str:
         describe_tokenized(train_rows, data.train, tokenizer, train_on_inputs=args.train_on_inputs),
         f"\nvalidation: {len(data.val) if data.val is not None else 0} rows",
         f"steps: {data.steps_per_epoch} per epoch, {data.total_steps} in all, {data.warmup} of warm-up; "
-        f"{pad['micro_batches'] / max(pad['steps'], 1):.1f} micro-batches per step; {pad['padding']:.1%} of attention's "
-        "padded layout is padding (the rest of the network runs padding-free)"])
+        f"{pad['micro_batches'] / max(pad['steps'], 1):.1f} micro-batches per step, each run padding-free "
+        "(rows end to end, attention row by row)"])
 
 
 # ---- model ------------------------------------------------------------------------------------------

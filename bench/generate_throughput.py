@@ -4,17 +4,23 @@
     python bench/generate_throughput.py --rows ... --n 32 --batch-sizes 1,8,32 --repeats 3 --out runs/bench-gen
     python bench/generate_throughput.py --preset smollm2-360m,smollm2-1.7b,llama3.2-1b       # CUDA: random weights
     python bench/generate_throughput.py --tiny --n 6 --max-new-tokens 8 --repeats 1          # smoke (seconds)
+    python bench/generate_throughput.py --workload ROWS.jsonl --max-new-tokens 100,MPC=40,PRP=8,PM=8,PSI=8 \
+        --batch-sizes 16 --repeats 1 --warmup 0                                            # evaluate.py's workload
 
 Weights: on the CPU (default) the offline SmolLM2-135M-Instruct GGUF (or --model FILE.gguf) dequantized
 to a float32 hub-layout folder that both sides load, so the weights are identical; --preset runs the
 released configurations with random weights (std 0.02; rows then rarely stop at EOS); --tiny the
 tests' tiny random model. Prompts: eCeLLM's alpaca prompt of the first --n rows of --rows (default:
-the sample in this repository), IND_Diverse_Instruction, taken from each task in turn.
+the sample in this repository), IND_Diverse_Instruction, taken from each task in turn. --workload FILE
+instead takes what evaluate.py generates for FILE: every test row of every task and setting (--every K:
+every K-th of them), each prompt cut to leave room for its task's cap, the caps given as evaluate.py's
+--max-new-tokens (100,MPC=40,...).
 
 Ours: model/generate.py `generate_batched` (continuous batching) at --batch-size rows. Peer:
-`LlamaForCausalLM.generate` (greedy, left padding, its default attention) on the same prompts sorted
-longest first and cut into batches of the same size, each batch running until its last row stops,
-as evaluate.py ran before continuous batching. Both stop at the tokenizer's stop ids.
+`LlamaForCausalLM.generate` (greedy, left padding, its default attention) on the same prompts grouped
+by token cap, each group sorted longest first and cut into batches of the same size, each batch running
+until its last row stops, as evaluate.py ran before continuous batching. Both stop at the tokenizer's
+stop ids.
 
 Each (side, batch size) runs in a process of its own: load, --warmup runs of the first batch (8 new
 tokens), then --repeats timed runs of the whole workload. Reported: wall seconds and new tokens/s
@@ -47,7 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="the tests' tiny random model (smoke test)")
     p.add_argument("--rows", default=str(common.SAMPLE_ROWS), help="ECInstruct rows (default: the in-repo sample)")
     p.add_argument("--n", type=int, default=32, help="prompts (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="(default 100, eCeLLM's)")
+    p.add_argument("--max-new-tokens", default="100",
+                   help="N, or evaluate.py's N,TASK=N,... per-task caps (default 100, eCeLLM's)")
+    p.add_argument("--workload", help="evaluate.py's workload on this rows file: every test row, all tasks and "
+                                      "settings (instead of --rows and --n)")
+    p.add_argument("--every", type=int, default=1, help="with --workload: every K-th row only (default 1: all)")
     p.add_argument("--batch-sizes", default="1,32", help="comma list (default 1,32)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of the whole workload (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short runs first (default 1)")
@@ -88,17 +98,18 @@ def peer_runner(folder: Path, dtype, device, spec):
 
     @torch.inference_mode()
     def run(prompts, max_new):
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out = [None] * len(prompts)
-        for start in range(0, len(order), B):
-            chunk = order[start:start + B]
-            L = max(len(prompts[i]) for i in chunk)
-            ids = torch.tensor([[pad] * (L - len(prompts[i])) + list(prompts[i]) for i in chunk], device=device)
-            mask = torch.tensor([[0] * (L - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=pad, top_p=None, top_k=None, temperature=None)
-            for i, row in zip(chunk, gen[:, L:].tolist()):
-                out[i] = cut(row)
+        for cap in sorted(set(max_new)):
+            order = sorted((i for i in range(len(prompts)) if max_new[i] == cap), key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), B):
+                chunk = order[start:start + B]
+                L = max(len(prompts[i]) for i in chunk)
+                ids = torch.tensor([[pad] * (L - len(prompts[i])) + list(prompts[i]) for i in chunk], device=device)
+                mask = torch.tensor([[0] * (L - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cap, do_sample=False,
+                                     eos_token_id=stops, pad_token_id=pad, top_p=None, top_k=None, temperature=None)
+                for i, row in zip(chunk, gen[:, L:].tolist()):
+                    out[i] = cut(row)
         return out
     return run
 
@@ -110,7 +121,7 @@ def worker(spec_path: str) -> None:
     prompts, max_new = spec["prompts"], spec["max_new_tokens"]
     runner = (ours_runner if spec["side"] == "ours" else peer_runner)(Path(spec["folder"]), dtype, device, spec)
     for _ in range(spec["warmup"]):
-        runner(prompts[:spec["batch_size"]], min(8, max_new))
+        runner(prompts[:spec["batch_size"]], [min(8, m) for m in max_new[:spec["batch_size"]]])
     common.reset_peak(device)
     seconds, outputs = [], None
     for _ in range(spec["repeats"]):
@@ -130,12 +141,31 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name: str) -> list[dict]:
+def workload(args, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """The prompts (ids) and their token caps: --n rows of --rows, or evaluate.py's test rows of --workload."""
+    from data import load_rows
     from data.encode import encode_prompt
+    from evaluate import parse_max_new_tokens
 
-    rows = common.pick_rows(args.rows, args.n)
-    prompts = [encode_prompt(r, tokenizer, max_len=2048 - args.max_new_tokens)[0] for r in rows]
-    base = {"folder": str(folder), "prompts": prompts, "max_new_tokens": args.max_new_tokens,
+    default, by_task = parse_max_new_tokens(args.max_new_tokens)
+    if args.workload:
+        rows = load_rows(args.workload, split="test", tasks="all", settings=None)[::args.every]
+    else:
+        rows = common.pick_rows(args.rows, args.n)
+    caps = [by_task.get(r["task"], default) for r in rows]
+    prompts = []
+    for row, cap in zip(rows, caps):
+        encoded = encode_prompt(row, tokenizer, max_len=2048 - cap)
+        if encoded is None:
+            raise ValueError(f"{args.workload or args.rows}: {row['task']}/{row['setting']} row {row['index']}: "
+                             f"the prompt does not fit 2048 - {cap} tokens")
+        prompts.append(encoded[0])
+    return prompts, caps
+
+
+def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name: str) -> list[dict]:
+    prompts, caps = workload(args, tokenizer)
+    base = {"folder": str(folder), "prompts": prompts, "max_new_tokens": caps,
             "stop_ids": sorted(tokenizer.stop_ids), "pad_id": tokenizer.pad_id if tokenizer.pad_id is not None else 0,
             "dtype": dtype_name, "device": str(device), "threads": args.threads, "warmup": args.warmup,
             "repeats": args.repeats}
@@ -160,6 +190,13 @@ def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name:
     return lines
 
 
+def describe_prompts(args) -> str:
+    if args.workload:
+        every = f"1 in {args.every} of " if args.every > 1 else ""
+        return f"evaluate.py's workload: {every}the test rows of {args.workload} (all tasks and settings)"
+    return f"{args.n} prompts of {args.rows}"
+
+
 def report(lines: list[dict], args, dtype_name: str) -> str:
     def cell(r, key):
         s = r[key]
@@ -167,7 +204,8 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
 
     out = ["# Generation: ours against transformers' generate", "",
            f"- machine: {common.machine(args.threads)}; {common.versions()}",
-           f"- {dtype_name}, greedy, up to {args.max_new_tokens} new tokens, {args.n} prompts of {args.rows}; "
+           f"- {dtype_name}, greedy, up to {args.max_new_tokens} new tokens, "
+           f"{describe_prompts(args)}; "
            f"{args.repeats} timed runs (median, min-max), {args.warmup} warm-up", "",
            "| model | batch | side | wall s | new tokens/s | peak memory GiB | ours/peer tokens/s | identical rows |",
            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -9,9 +9,8 @@ max_new_tokens.
 `generate_batched`: `batch_size` slots, each holding one sequence in its own row of a `SlotCache`
 (stored from position 0, no padding). Every decode step runs one token of every occupied slot, at
 that row's own position, attending to that row's own cached length. A row that stops frees its slot
-at once; the next waiting prompts (sorted longest first, so those prefilled together are of nearly
-one length) are prefilled together, right-padded under the causal mask, straight into the freed
-slots. When nothing waits any more, the last occupied slots move into the holes, so a step only
+at once; the next waiting prompts (sorted longest first) are prefilled together, end to end without
+padding (`Packing`: each prompt attends causally to itself alone), straight into the freed slots. When nothing waits any more, the last occupied slots move into the holes, so a step only
 ever runs the rows still generating. Rows never wait for the longest answer of their batch.
 The positions and the attention each token sees are those of `generate` and of an unpadded
 one-row decode, so the greedy ids are the same (up to float rounding in the matrix products).
@@ -24,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .llama import KVCache, Llama, rope_cos_sin, rope_inv_freq
+from .llama import KVCache, Llama, Packing, rope_cos_sin, rope_inv_freq
 
 
 @torch.inference_mode()
@@ -68,9 +67,10 @@ class SlotCache:
     """Keys and values of `slots` independent sequences: (layers, slots, n_kv, max_len, hd) each.
 
     Each slot holds one sequence from position 0. Two modes, set by the generator before a forward:
-    prefill(slots): the forward's rows are new sequences written to these slots at positions 0..T-1,
-    attending only to themselves (causal); decode(rows, write_at): the forward holds one token of
-    each of slots 0..rows-1, written at write_at (rows,), and attends to that slot's keys 0..write_at.
+    prefill(slots, spans): the forward holds new sequences end to end (packed), sequence r at
+    spans[r] = (start, end), written to slots[r] at positions 0..end-start-1, each attending only to
+    itself (causal); decode(rows, write_at): the forward holds one token of each of slots
+    0..rows-1, written at write_at (rows,), and attends to that slot's keys 0..write_at.
     """
 
     def __init__(self, config, slots: int, max_len: int, dtype, device):
@@ -78,20 +78,20 @@ class SlotCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.arange = torch.arange(slots, device=device)
-        self.target = self.write_at = None
+        self.target = self.spans = self.write_at = None
         self.rows = self.span = 0
 
-    def prefill(self, target: torch.Tensor):
-        self.target = target
+    def prefill(self, target: list[int], spans: list[tuple[int, int]]):
+        self.target, self.spans = target, spans
 
     def decode(self, rows: int, write_at: torch.Tensor, span: int):
         self.target, self.rows, self.write_at, self.span = None, rows, write_at, span
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.target is not None:                                          # prefill: k (n, n_kv, T, hd)
-            T = k.shape[2]
-            self.k[layer, self.target, :, :T] = k
-            self.v[layer, self.target, :, :T] = v
+        if self.target is not None:                                          # prefill: k (1, n_kv, N, hd)
+            for slot, (a, b) in zip(self.target, self.spans):
+                self.k[layer, slot, :, :b - a] = k[0, :, a:b]
+                self.v[layer, slot, :, :b - a] = v[0, :, a:b]
             return k, v
         n, at = self.rows, self.write_at                                     # decode: k (n, n_kv, 1, hd)
         kb, vb = self.k[layer, :n], self.v[layer, :n]                        # views of the occupied slots
@@ -105,11 +105,12 @@ class SlotCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-def _hidden(model: Llama, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
+def _hidden(model: Llama, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,
+            packing: Packing | None = None) -> torch.Tensor:
     """The decoder stack on ids (B, T) with rope tables and mask already made: final normed hidden (B, T, H)."""
     x = model.model.embed_tokens(ids)
     for block in model.model.layers:
-        x = block(x, cos, sin, mask, cache)
+        x = block(x, cos, sin, mask, cache, packing)
     return model.model.norm(x)
 
 
@@ -122,8 +123,8 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
     max_new_tokens: one limit for all, or one per prompt. At most `batch_size` rows decode together.
     Prompts are taken longest first (ties in input order). on_batch(indices, outputs), when given, is
     called with the positions (in `prompts`) of finished rows and their outputs, `batch_size` rows at
-    a time (the rest at the end), e.g. to save them as they come. pad_id fills the right padding of
-    a prefill; it is never attended to.
+    a time (the rest at the end), e.g. to save them as they come. pad_id is accepted and unused
+    (nothing is padded here), so that a call written for `generate` runs unchanged.
     """
     from tqdm import tqdm
 
@@ -185,22 +186,20 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
         return not done
 
     while True:
-        # 1. waiting prompts into the free slots, prefilled together (right-padded, causal)
+        # 1. waiting prompts into the free slots, prefilled together (end to end, each causal on itself)
         while waiting and (occupied < slots or -1 in row_of[:occupied]):
             free = [s for s in range(occupied) if row_of[s] < 0] + list(range(occupied, slots))
             new = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
             free = free[:len(new)]
             lengths = [len(prompts[i]) for i in new]
-            T = max(lengths)
-            ids = torch.full((len(new), T), pad_id, dtype=torch.long)
-            for r, i in enumerate(new):
-                ids[r, :lengths[r]] = torch.as_tensor(prompts[i], dtype=torch.long)
-            target = torch.tensor(free, device=device)
-            cache.prefill(target)
-            hidden = _hidden(model, ids.to(device), cos_table[None, :T], sin_table[None, :T], None, cache)
-            last = hidden[torch.arange(len(new), device=device), torch.tensor(lengths, device=device) - 1]
+            packing = Packing(lengths, device)
+            ids = torch.cat([torch.as_tensor(prompts[i], dtype=torch.long) for i in new])[None].to(device)  # (1, N)
+            cache.prefill(free, packing.spans)
+            hidden = _hidden(model, ids, cos_table[packing.position][None], sin_table[packing.position][None], None,
+                             cache, packing)                                  # (1, N, H)
+            last = hidden[0, torch.tensor([b - 1 for _, b in packing.spans], device=device)]   # (len(new), H)
             first = model.lm_head(last).argmax(-1)                            # (len(new),)
-            tokens[target] = first
+            tokens[torch.tensor(free, device=device)] = first
             occupied = max(occupied, max(free) + 1)
             for s, i, L, t in zip(free, new, lengths, first.tolist()):
                 row_of[s], pos[s] = i, L
@@ -224,7 +223,9 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
         m = occupied
         at = torch.tensor(pos[:m], device=device)                            # (m,)
         span = max(pos[:m]) + 1
-        mask = (torch.arange(span, device=device)[None, :] <= at[:, None])[:, None, None, :]   # (m, 1, 1, span)
+        mask = None                                          # every row at the last position: it sees all keys
+        if min(pos[:m]) < span - 1:
+            mask = (torch.arange(span, device=device)[None, :] <= at[:, None])[:, None, None, :]   # (m, 1, 1, span)
         cache.decode(m, at, span)
         hidden = _hidden(model, tokens[:m, None], cos_table[at][:, None], sin_table[at][:, None], mask, cache)
         tokens[:m] = model.lm_head(hidden[:, -1]).argmax(-1)

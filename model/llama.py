@@ -15,8 +15,8 @@ state dict loads as it is. Conventions, each matching transformers' `LlamaForCau
 Padding is handled by position, never by token id: `attention_mask` (batch, time) marks the real
 tokens, and `position_ids` count only those. Generation uses `KVCache`, a preallocated cache that
 all rows of a batch fill in step. Training runs padding-free (`Packing`): the rows of a micro-batch
-are laid end to end as one sequence, so every linear layer multiplies real tokens only, and only
-attention sees them as a right-padded (rows, longest) batch.
+are laid end to end as one sequence, so every linear layer multiplies real tokens only, and attention
+runs row by row, each row causal over its own tokens (sum of L_b^2 work, not rows * longest^2).
 """
 
 from __future__ import annotations
@@ -99,32 +99,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Packing:
     """Rows of lengths L_0..L_{B-1} laid end to end as one sequence of N = sum(L_b) tokens, no padding.
 
-    Token j of the packed sequence is position p = j - start[b] of row b; in the right-padded
-    (B, T = max L_b) layout that attention uses it sits at flat index b * T + p. `pad` scatters packed
-    activations (1, N, D) to (B, T, D) with zeros on the padding; `unpad` gathers them back. A causal
-    mask over right padding never lets a real query see a padding key, so attention over the padded
-    layout is exactly attention within each row, and the rest of the network (embedding, norms,
-    projections, MLP, head) never computes a padding position.
+    Token j of the packed sequence is position j - start_b of the row b it belongs to (`position`, (N,)),
+    so RoPE sees each row from 0. Attention takes each row's span [start_b, start_b + L_b) alone, causal
+    over it: the same attention as running the row by itself, and nothing computed for padding. The rest
+    of the network (embedding, norms, projections, MLP, head) is per token and sees the N tokens as they are.
     """
 
     def __init__(self, lengths: list[int], device=None):
         if not lengths or min(lengths) < 1:
             raise ValueError(f"Packing needs at least one row and rows of at least one token, got {lengths}")
-        self.rows, self.width, self.tokens = len(lengths), max(lengths), sum(lengths)
-        lens = torch.as_tensor(lengths, device=device)                             # (B,)
-        row = torch.repeat_interleave(torch.arange(self.rows, device=device), lens)  # (N,) row of each token
-        starts = torch.cumsum(lens, 0) - lens                                     # (B,)
-        position = torch.arange(self.tokens, device=device) - starts[row]         # (N,) position in its row
-        self.index = row * self.width + position                                  # (N,) into (B * T)
+        self.rows, self.tokens = len(lengths), sum(lengths)
+        starts = [sum(lengths[:b]) for b in range(self.rows)]
+        self.spans = [(start, start + length) for start, length in zip(starts, lengths)]
+        self.position = torch.cat([torch.arange(length, device=device) for length in lengths])  # (N,)
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, N, D) packed -> (B, T, D) right-padded, zeros on padding."""
-        flat = x.new_zeros(self.rows * self.width, x.shape[-1]).index_copy(0, self.index, x[0])  # (B*T, D)
-        return flat.view(self.rows, self.width, x.shape[-1])
-
-    def unpad(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) right-padded -> (1, N, D) packed."""
-        return y.reshape(self.rows * self.width, y.shape[-1])[self.index][None]
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """q (1, n_head, N, hd), k and v (1, n_kv, N, hd) -> (1, n_head, N, hd), each row causal on its own."""
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                         enable_gqa=gqa) for a, b in self.spans], dim=2)
 
 
 class KVCache(nn.Module):
@@ -163,19 +155,20 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, packing: Packing | None = None):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)               # (B, T, heads * hd)
-        if packing is not None:                                                # (1, N, .) -> (rows, width, .)
-            q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
-        B, T, _ = q.shape
+        B, T, _ = q.shape                                                      # packing: (1, N)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)                 # (B, n_head, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                              # (B, n_kv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if packing is not None:
+            y = packing.attention(q, k, v, gqa=self.n_kv != self.n_head)
+        else:   # no mask: causal over T > 1 new tokens (the keys are those same tokens); one new token sees every key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)             # (B, T, n_head * hd)
-        return self.o_proj(y if packing is None else packing.unpad(y))
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -249,7 +242,7 @@ class Llama(nn.Module):
                 raise ValueError("packing takes input_ids (1, N) alone: no cache, attention_mask or position_ids")
             if T != packing.tokens:
                 raise ValueError(f"packing holds {packing.tokens} tokens, input_ids {T}")
-            position_ids = torch.arange(packing.width, device=input_ids.device)[None]   # (1, width): attention's layout
+            position_ids = packing.position.to(input_ids.device)[None]          # (1, N): each row from 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)

@@ -35,6 +35,24 @@ def test_generate_throughput_smoke(tmp_path, capsys):
         assert line["ours"]["memory_kind"] == "peak RSS" and line["peer"]["peak_memory_gib"] > 0
 
 
+def test_generate_throughput_runs_evaluates_workload(tmp_path, capsys):
+    """--workload: every 8th test row of every task and setting, each capped as evaluate.py caps its task."""
+    pytest.importorskip("transformers")
+    script = load_script("generate_throughput")
+    sample = ROOT / "data" / "sample" / "ecinstruct_sample.jsonl"
+    assert script.main(["--tiny", "--workload", str(sample), "--every", "8", "--max-new-tokens", "5,PM=2,SR=3",
+                        "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
+                        "--out", str(tmp_path)]) == 0
+    assert "evaluate.py's workload: 1 in 8 of the test rows" in capsys.readouterr().out
+    (line,) = json.loads((tmp_path / "results.json").read_text())
+    from data import load_rows
+    rows = load_rows(sample, split="test", tasks="all", settings=None)[::8]
+    assert line["prompts"] == len(rows) == 14 and line["identical_rows"] == line["prompts"]
+    caps = [2 if r["task"] == "Product_Matching" else 3 if r["task"] == "Sequential_Recommendation" else 5
+                      for r in rows]
+    assert line["ours"]["tokens"] <= sum(caps) and line["ours"]["tokens"] == line["peer"]["tokens"]
+
+
 def test_train_throughput_smoke(tmp_path, capsys):
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")

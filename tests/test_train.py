@@ -159,8 +159,8 @@ def test_packed_micro_batch_equals_the_padded_one(tiny_dir, checkpointing):
     loss_packed = train.token_loss_sum(model, packed["input_ids"], packed["labels"], chunk=8, packing=packing)
     loss_packed.backward()
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-6, atol=1e-6)
-    for gp, p in zip(grads_padded, params):
-        torch.testing.assert_close(p.grad, gp, rtol=1e-5, atol=1e-7)
+    for gp, p in zip(grads_padded, params):   # fp32 rounding of another attention kernel: ~2e-5 relative
+        torch.testing.assert_close(p.grad, gp, rtol=1e-4, atol=1e-6)
 
     with torch.no_grad():   # every row's hidden states, packed or alone
         hidden = model(packed["input_ids"], packing=packing, return_hidden=True)[0]   # (N, H)
