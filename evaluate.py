@@ -16,7 +16,8 @@ Defaults are the paper's: hub dataset NingLab/ECInstruct, split test, all 10 tas
 IND_Diverse_Instruction and OOD_Diverse_Instruction, eCeLLM's Alpaca prompt, greedy decoding,
 100 new tokens (eCeLLM samples at temperature 0.15; greedy is its inference_merged.py).
 Generation is continuously batched with the KV cache (model/generate.py): up to --batch-size rows decode
-together, longest prompts first, and a row that finishes makes room for the next at once.
+together, a row that finishes makes room for the next at once, and a prompt's prefix shared with the
+prompt before it (the preamble, a task's instruction) is copied from the cache rather than computed again.
 
 Writes to --out, as one set: the four files are written aside and then replace the previous set
 together, so a failed or killed run leaves the previous set whole (the next run on the folder

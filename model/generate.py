@@ -9,8 +9,11 @@ max_new_tokens.
 `generate_batched`: `batch_size` slots, each holding one sequence in its own row of a `SlotCache`
 (stored from position 0, no padding). Every decode step runs one token of every occupied slot, at
 that row's own position, attending to that row's own cached length. A row that stops frees its slot
-at once; the next waiting prompts (sorted longest first) are prefilled together, end to end without
-padding (`Packing`: each prompt attends causally to itself alone), straight into the freed slots. When nothing waits any more, the last occupied slots move into the holes, so a step only
+at once; the next waiting prompts (in token order) are prefilled together, end to end without
+padding (`Packing`: each prompt attends causally to itself alone), straight into the freed slots.
+A prompt's prefix that the prompt prefilled before it shares (eCeLLM's preamble and, within a task,
+its instruction) is copied from the cache, not computed again: evaluation prompts share about 40% of
+their tokens this way. When nothing waits any more, the last occupied slots move into the holes, so a step only
 ever runs the rows still generating. Rows never wait for the longest answer of their batch.
 The positions and the attention each token sees are those of `generate` and of an unpadded
 one-row decode, so the greedy ids are the same (up to float rounding in the matrix products).
@@ -64,35 +67,43 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
 
 class SlotCache:
-    """Keys and values of `slots` independent sequences: (layers, slots, n_kv, max_len, hd) each.
+    """Keys and values of `slots` independent sequences: (layers, slots + 1, n_kv, max_len, hd) each.
 
-    Each slot holds one sequence from position 0. Two modes, set by the generator before a forward:
-    prefill(slots, spans): the forward holds new sequences end to end (packed), sequence r at
-    spans[r] = (start, end), written to slots[r] at positions 0..end-start-1, each attending only to
-    itself (causal); decode(rows, write_at): the forward holds one token of each of slots
-    0..rows-1, written at write_at (rows,), and attends to that slot's keys 0..write_at.
+    Each slot holds one sequence from position 0; slot `slots` (the store) keeps the last prompt
+    prefilled, whose prefix later prompts copy instead of computing (`share`). Two modes, set by the
+    generator before a forward:
+    prefill(slots, packing): the forward holds the new tokens of sequences end to end (a `Packing`):
+    sequence r continues slots[r], which holds its first packing.past[r] tokens, at positions past..;
+    its keys are the slot's whole sequence; decode(rows, write_at): the forward holds one token of each
+    of slots 0..rows-1, written at write_at (rows,), and attends to that slot's keys 0..write_at.
     """
 
     def __init__(self, config, slots: int, max_len: int, dtype, device):
-        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (config.num_hidden_layers, slots + 1, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.arange = torch.arange(slots, device=device)
-        self.target = self.spans = self.write_at = None
+        self.store, self.stored = slots, []     # the store slot and the token ids it holds
+        self.target = self.packing = self.write_at = None
         self.rows = self.span = 0
 
-    def prefill(self, target: list[int], spans: list[tuple[int, int]]):
-        self.target, self.spans = target, spans
+    def prefill(self, target: list[int], packing: Packing):
+        self.target, self.packing = target, packing
 
     def decode(self, rows: int, write_at: torch.Tensor, span: int):
         self.target, self.rows, self.write_at, self.span = None, rows, write_at, span
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.target is not None:                                          # prefill: k (1, n_kv, N, hd)
-            for slot, (a, b) in zip(self.target, self.spans):
-                self.k[layer, slot, :, :b - a] = k[0, :, a:b]
-                self.v[layer, slot, :, :b - a] = v[0, :, a:b]
-            return k, v
+            past = self.packing.past
+            for slot, (a, b), p in zip(self.target, self.packing.spans, past):
+                self.k[layer, slot, :, p:p + b - a] = k[0, :, a:b]
+                self.v[layer, slot, :, p:p + b - a] = v[0, :, a:b]
+            if not any(past):
+                return k, v
+            whole = [(slot, p + b - a) for slot, (a, b), p in zip(self.target, self.packing.spans, past)]
+            return (torch.cat([self.k[layer, slot, :, :end] for slot, end in whole], dim=1)[None],   # (1, n_kv, K, hd)
+                    torch.cat([self.v[layer, slot, :, :end] for slot, end in whole], dim=1)[None])
         n, at = self.rows, self.write_at                                     # decode: k (n, n_kv, 1, hd)
         kb, vb = self.k[layer, :n], self.v[layer, :n]                        # views of the occupied slots
         kb[self.arange[:n], :, at] = k[:, :, 0]
@@ -103,6 +114,22 @@ class SlotCache:
         """Copy slot src's first `length` positions to slot dst (every layer)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def keep(self, slot: int, ids: Sequence[int]):
+        """The store takes the prompt `ids` that slot holds (its keys and values at 0..len(ids)-1)."""
+        self.move(slot, self.store, len(ids))
+        self.stored = list(ids)
+
+    def share(self, slot: int, ids: Sequence[int]) -> int:
+        """Copy into slot the longest prefix of `ids` the store holds, leaving at least the last token to
+        compute (its logits give the first new token); return the prefix length."""
+        n = 0
+        for a, b in zip(self.stored, ids[:len(ids) - 1]):
+            if a != b:
+                break
+            n += 1
+        self.move(self.store, slot, n)
+        return n
 
 
 def _hidden(model: Llama, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,
@@ -121,7 +148,8 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
     """Greedy continuations of many prompts with continuous batching; results in input order.
 
     max_new_tokens: one limit for all, or one per prompt. At most `batch_size` rows decode together.
-    Prompts are taken longest first (ties in input order). on_batch(indices, outputs), when given, is
+    Prompts are taken in token order (lexicographic on ids, ties in input order), so that each shares
+    the longest prefix with the one prefilled before it. on_batch(indices, outputs), when given, is
     called with the positions (in `prompts`) of finished rows and their outputs, `batch_size` rows at
     a time (the rest at the end), e.g. to save them as they come. pad_id is accepted and unused
     (nothing is padded here), so that a call written for `generate` runs unchanged.
@@ -148,7 +176,8 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
             if on_batch is not None:
                 on_batch(chunk, [results[j] for j in chunk])
 
-    waiting = deque(i for i in sorted(range(n), key=lambda i: -len(prompts[i])) if limits[i] > 0)
+    # in token order, so that each prompt shares the longest prefix with the one before it (the store's)
+    waiting = deque(i for i in sorted(range(n), key=lambda i: list(prompts[i])) if limits[i] > 0)
     for i in range(n):
         if limits[i] <= 0:
             finish(i)
@@ -186,23 +215,26 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
         return not done
 
     while True:
-        # 1. waiting prompts into the free slots, prefilled together (end to end, each causal on itself)
+        # 1. waiting prompts into the free slots: each copies the prefix it shares with the store's prompt,
+        #    and the rest of them are prefilled together (end to end, each causal on its own sequence)
         while waiting and (occupied < slots or -1 in row_of[:occupied]):
             free = [s for s in range(occupied) if row_of[s] < 0] + list(range(occupied, slots))
-            new = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+            take_n = 1 if not cache.stored else min(len(free), len(waiting))  # the very first alone: then shared
+            new = [waiting.popleft() for _ in range(take_n)]
             free = free[:len(new)]
-            lengths = [len(prompts[i]) for i in new]
-            packing = Packing(lengths, device)
-            ids = torch.cat([torch.as_tensor(prompts[i], dtype=torch.long) for i in new])[None].to(device)  # (1, N)
-            cache.prefill(free, packing.spans)
-            hidden = _hidden(model, ids, cos_table[packing.position][None], sin_table[packing.position][None], None,
-                             cache, packing)                                  # (1, N, H)
+            past = [cache.share(s, prompts[i]) for s, i in zip(free, new)]
+            packing = Packing([len(prompts[i]) - p for i, p in zip(new, past)], device, past=past)
+            ids = torch.cat([torch.as_tensor(prompts[i][p:], dtype=torch.long) for i, p in zip(new, past)])[None]
+            cache.prefill(free, packing)
+            hidden = _hidden(model, ids.to(device), cos_table[packing.position][None], sin_table[packing.position][None],
+                             None, cache, packing)                            # (1, N, H)
             last = hidden[0, torch.tensor([b - 1 for _, b in packing.spans], device=device)]   # (len(new), H)
             first = model.lm_head(last).argmax(-1)                            # (len(new),)
             tokens[torch.tensor(free, device=device)] = first
+            cache.keep(free[-1], prompts[new[-1]])
             occupied = max(occupied, max(free) + 1)
-            for s, i, L, t in zip(free, new, lengths, first.tolist()):
-                row_of[s], pos[s] = i, L
+            for s, i, t in zip(free, new, first.tolist()):
+                row_of[s], pos[s] = i, len(prompts[i])
                 take(s, t)
         # 2. nothing waits: close the holes by moving the last occupied slots into them
         s = 0

@@ -103,20 +103,35 @@ class Packing:
     so RoPE sees each row from 0. Attention takes each row's span [start_b, start_b + L_b) alone, causal
     over it: the same attention as running the row by itself, and nothing computed for padding. The rest
     of the network (embedding, norms, projections, MLP, head) is per token and sees the N tokens as they are.
+
+    past (generation's prefill): row b continues a sequence whose first past_b tokens are already in a
+    cache. Its tokens are then positions past_b.., and the keys and values attention receives are the
+    rows' whole sequences end to end (sum of past_b + L_b: the cache's prefix, then the new tokens);
+    query i of row b sees keys 0..past_b + i.
     """
 
-    def __init__(self, lengths: list[int], device=None):
+    def __init__(self, lengths: list[int], device=None, past: list[int] | None = None):
         if not lengths or min(lengths) < 1:
             raise ValueError(f"Packing needs at least one row and rows of at least one token, got {lengths}")
+        self.past = list(past) if past is not None else [0] * len(lengths)
         self.rows, self.tokens = len(lengths), sum(lengths)
-        starts = [sum(lengths[:b]) for b in range(self.rows)]
-        self.spans = [(start, start + length) for start, length in zip(starts, lengths)]
-        self.position = torch.cat([torch.arange(length, device=device) for length in lengths])  # (N,)
+        self.spans = self._spans(lengths)                                             # queries, over N
+        self.key_spans = self._spans([p + n for p, n in zip(self.past, lengths)])     # keys, over sum(past + L)
+        self.position = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(self.past, lengths)])  # (N,)
+
+    @staticmethod
+    def _spans(lengths: list[int]) -> list[tuple[int, int]]:
+        starts = [sum(lengths[:b]) for b in range(len(lengths))]
+        return [(start, start + length) for start, length in zip(starts, lengths)]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-        """q (1, n_head, N, hd), k and v (1, n_kv, N, hd) -> (1, n_head, N, hd), each row causal on its own."""
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                         enable_gqa=gqa) for a, b in self.spans], dim=2)
+        """q (1, n_head, N, hd), k and v (1, n_kv, K, hd) -> (1, n_head, N, hd), each row causal on its own."""
+        out = []
+        for (a, b), (c, d), past in zip(self.spans, self.key_spans, self.past):
+            mask = None if past == 0 else torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril(past)
+            out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], attn_mask=mask,
+                                                      is_causal=past == 0, enable_gqa=gqa))
+        return torch.cat(out, dim=2)
 
 
 class KVCache(nn.Module):

@@ -82,6 +82,33 @@ def test_tiny_matches_reference_decoder(tiny, tiny_case, batch_size):
     assert generate(model, prompts[:16], max_new_tokens=12, stop_ids=stops, pad_id=tokenizer.pad_id) == expected[:16]
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_prefixes_are_copied_not_recomputed(tiny, batch_size):
+    """Prompts that share prefixes (one common head, groups with longer ones, a duplicate, a prompt that is
+    another's prefix, one sharing nothing): the reference decoder's ids, with fewer tokens computed."""
+    model, _ = tiny
+    rng = random.Random(7)
+    ids = lambda n: [rng.randrange(3, model.config.vocab_size) for _ in range(n)]  # noqa: E731
+    head, group_a, group_b = [1] + ids(12), ids(9), ids(5)
+    prompts = [head + group_a + ids(rng.randint(1, 15)) for _ in range(6)]
+    prompts += [head + group_b + ids(rng.randint(1, 15)) for _ in range(6)]
+    prompts += [list(prompts[3]), head + group_a, head, ids(20)]
+    rng.shuffle(prompts)
+    stops = with_extra_stop(model, prompts, 10)
+    expected = [reference_greedy(model, p, max_new_tokens=10, stop_ids=stops) for p in prompts]
+
+    computed = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: computed.append(args[0].numel()))
+    try:
+        got = generate_batched(model, prompts, batch_size=batch_size, max_new_tokens=10, stop_ids=stops)
+    finally:
+        hook.remove()
+    assert got == expected
+    # decode steps feed each row's new tokens but its first (from the prefill): at least len(e) - 1 a row
+    prefilled_at_most = sum(computed) - sum(len(e) - 1 for e in expected)
+    assert prefilled_at_most <= sum(map(len, prompts)) - 10 * len(head), (prefilled_at_most, sum(map(len, prompts)))
+
+
 def test_tiny_padding_id_does_not_matter(tiny):
     model, tokenizer = tiny
     prompts = fixed_prompts(tokenizer, model.config.vocab_size, n=8)
