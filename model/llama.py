@@ -126,11 +126,13 @@ class Packing:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """q (1, n_head, N, hd), k and v (1, n_kv, K, hd) -> (1, n_head, N, hd), each row causal on its own."""
+        # split, not slices: its backward is one cat, where each slice's would write a whole zero gradient
+        lengths, key_lengths = [b - a for a, b in self.spans], [d - c for c, d in self.key_spans]
         out = []
-        for (a, b), (c, d), past in zip(self.spans, self.key_spans, self.past):
-            mask = None if past == 0 else torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril(past)
-            out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], attn_mask=mask,
-                                                      is_causal=past == 0, enable_gqa=gqa))
+        for qb, kb, vb, past in zip(q.split(lengths, 2), k.split(key_lengths, 2), v.split(key_lengths, 2), self.past):
+            n, s = qb.shape[2], kb.shape[2]
+            mask = None if past == 0 else torch.ones(n, s, dtype=torch.bool, device=q.device).tril(past)
+            out.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=past == 0, enable_gqa=gqa))
         return torch.cat(out, dim=2)
 
 
