@@ -163,6 +163,19 @@ def workload(args, tokenizer) -> tuple[list[list[int]], list[int]]:
     return prompts, caps
 
 
+def shared_prefix_tokens(prompts: list[list[int]]) -> int:
+    """Prompt tokens a prefix cache can skip: in token order, each prompt's common prefix with the one before it
+    (at most all but its last token), what model/generate.py copies instead of computing at batch size 1."""
+    ordered = sorted(prompts)
+    shared = 0
+    for before, prompt in zip(ordered, ordered[1:]):
+        n = 0
+        while n < min(len(before), len(prompt) - 1) and before[n] == prompt[n]:
+            n += 1
+        shared += n
+    return shared
+
+
 def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name: str) -> list[dict]:
     prompts, caps = workload(args, tokenizer)
     base = {"folder": str(folder), "prompts": prompts, "max_new_tokens": caps,
@@ -177,7 +190,8 @@ def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name:
             print(f"{label}: {side}, batch {B} ...", file=sys.stderr, flush=True)
             got[side] = common.run_worker(script, {**base, "side": side, "batch_size": B})
         line = {"model": label, "batch_size": B, "prompts": len(prompts),
-                "prompt_tokens": sum(map(len, prompts)), **{s: {k: v for k, v in r.items() if k != "outputs"}
+                "prompt_tokens": sum(map(len, prompts)), "shared_prefix_tokens": shared_prefix_tokens(prompts),
+                **{s: {k: v for k, v in r.items() if k != "outputs"}
                                                              for s, r in got.items()}}
         if "ours" in got and "peer" in got:
             a, b = got["ours"]["outputs"], got["peer"]["outputs"]
@@ -218,6 +232,10 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
             same = f"{line['identical_rows']}/{line['prompts']}" if side == "ours" and "identical_rows" in line else ""
             out.append(f"| {line['model']} | {line['batch_size']} | {side} | {cell(r, 'seconds')} | "
                        f"{cell(r, 'tokens_per_s')} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) | {ratio} | {same} |")
+    first = {line["model"]: line for line in lines}.values()
+    out += [f"\n{line['model']}: {line['prompts']} prompts, {line['prompt_tokens']} prompt tokens, "
+            f"{line['shared_prefix_tokens']} ({line['shared_prefix_tokens'] / line['prompt_tokens']:.0%}) in prefixes "
+            "shared with the prompt before (token order)" for line in first]
     diffs = [(l["model"], l["batch_size"], l["first_differences"]) for l in lines if l.get("first_differences")]
     for model, B, d in diffs:
         out.append(f"\n{model}, batch {B}: rows that differ part at new-token step(s) {d}")

@@ -13,8 +13,8 @@ at once; the next waiting prompts (in token order) are prefilled together, end t
 padding (`Packing`: each prompt attends causally to itself alone), straight into the freed slots.
 A prompt's prefix that the prompt prefilled before it shares (eCeLLM's preamble and, within a task,
 its instruction) is copied from the cache, not computed again: evaluation prompts share about 40% of
-their tokens this way. When nothing waits any more, the last occupied slots move into the holes, so a step only
-ever runs the rows still generating. Rows never wait for the longest answer of their batch.
+their tokens this way. When nothing waits any more, the last occupied slots move into the holes, so a
+step only ever runs the rows still generating. Rows never wait for the longest answer of their batch.
 The positions and the attention each token sees are those of `generate` and of an unpadded
 one-row decode, so the greedy ids are the same (up to float rounding in the matrix products).
 """
@@ -101,7 +101,7 @@ class SlotCache:
                 self.v[layer, slot, :, p:p + b - a] = v[0, :, a:b]
             if not any(past):
                 return k, v
-            whole = [(slot, p + b - a) for slot, (a, b), p in zip(self.target, self.packing.spans, past)]
+            whole = list(zip(self.target, self.packing.key_lengths))         # each slot's sequence, prefix included
             return (torch.cat([self.k[layer, slot, :, :end] for slot, end in whole], dim=1)[None],   # (1, n_kv, K, hd)
                     torch.cat([self.v[layer, slot, :, :end] for slot, end in whole], dim=1)[None])
         n, at = self.rows, self.write_at                                     # decode: k (n, n_kv, 1, hd)

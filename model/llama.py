@@ -21,6 +21,7 @@ runs row by row, each row causal over its own tokens (sum of L_b^2 work, not row
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -115,23 +116,21 @@ class Packing:
             raise ValueError(f"Packing needs at least one row and rows of at least one token, got {lengths}")
         self.past = list(past) if past is not None else [0] * len(lengths)
         self.rows, self.tokens = len(lengths), sum(lengths)
-        self.spans = self._spans(lengths)                                             # queries, over N
-        self.key_spans = self._spans([p + n for p, n in zip(self.past, lengths)])     # keys, over sum(past + L)
+        self.lengths = list(lengths)                                                   # queries: N in all
+        self.key_lengths = [p + n for p, n in zip(self.past, lengths)]                 # keys: sum(past + L)
+        ends = list(itertools.accumulate(lengths))
+        self.spans = [(end - n, end) for end, n in zip(ends, lengths)]                 # each row's queries in N
         self.position = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(self.past, lengths)])  # (N,)
-
-    @staticmethod
-    def _spans(lengths: list[int]) -> list[tuple[int, int]]:
-        starts = [sum(lengths[:b]) for b in range(len(lengths))]
-        return [(start, start + length) for start, length in zip(starts, lengths)]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """q (1, n_head, N, hd), k and v (1, n_kv, K, hd) -> (1, n_head, N, hd), each row causal on its own."""
         # split, not slices: its backward is one cat, where each slice's would write a whole zero gradient
-        lengths, key_lengths = [b - a for a, b in self.spans], [d - c for c, d in self.key_spans]
         out = []
-        for qb, kb, vb, past in zip(q.split(lengths, 2), k.split(key_lengths, 2), v.split(key_lengths, 2), self.past):
-            n, s = qb.shape[2], kb.shape[2]
-            mask = None if past == 0 else torch.ones(n, s, dtype=torch.bool, device=q.device).tril(past)
+        for qb, kb, vb, past in zip(q.split(self.lengths, 2), k.split(self.key_lengths, 2),
+                                    v.split(self.key_lengths, 2), self.past):
+            mask = None                                                                # (n, past + n): i sees 0..past + i
+            if past:
+                mask = torch.ones(qb.shape[2], kb.shape[2], dtype=torch.bool, device=q.device).tril(past)
             out.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=past == 0, enable_gqa=gqa))
         return torch.cat(out, dim=2)
 

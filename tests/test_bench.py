@@ -43,7 +43,9 @@ def test_generate_throughput_runs_evaluates_workload(tmp_path, capsys):
     assert script.main(["--tiny", "--workload", str(sample), "--every", "8", "--max-new-tokens", "5,PM=2,SR=3",
                         "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
                         "--out", str(tmp_path)]) == 0
-    assert "evaluate.py's workload: 1 in 8 of the test rows" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "evaluate.py's workload: 1 in 8 of the test rows" in printed and "in prefixes shared" in printed
+    assert script.shared_prefix_tokens([[1, 2, 3], [5], [1, 2, 4], [1, 2], [1, 2]]) == 1 + 2 + 2 + 0
     (line,) = json.loads((tmp_path / "results.json").read_text())
     from data import load_rows
     rows = load_rows(sample, split="test", tasks="all", settings=None)[::8]
