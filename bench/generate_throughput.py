@@ -164,16 +164,12 @@ def workload(args, tokenizer) -> tuple[list[list[int]], list[int]]:
 
 
 def shared_prefix_tokens(prompts: list[list[int]]) -> int:
-    """Prompt tokens a prefix cache can skip: in token order, each prompt's common prefix with the one before it
-    (at most all but its last token), what model/generate.py copies instead of computing at batch size 1."""
+    """Prompt tokens a prefix cache can skip: in token order, each prompt's reusable prefix with the one before
+    it, what model/generate.py copies instead of computing (all of it at batch size 1)."""
+    from model.generate import reusable_prefix
+
     ordered = sorted(prompts)
-    shared = 0
-    for before, prompt in zip(ordered, ordered[1:]):
-        n = 0
-        while n < min(len(before), len(prompt) - 1) and before[n] == prompt[n]:
-            n += 1
-        shared += n
-    return shared
+    return sum(reusable_prefix(before, prompt) for before, prompt in zip(ordered, ordered[1:]))
 
 
 def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name: str) -> list[dict]:
@@ -183,6 +179,7 @@ def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name:
             "dtype": dtype_name, "device": str(device), "threads": args.threads, "warmup": args.warmup,
             "repeats": args.repeats}
     script = Path(__file__).resolve()
+    shared = shared_prefix_tokens(prompts)
     lines = []
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         got = {}
@@ -190,9 +187,8 @@ def measure_model(label: str, folder: Path, tokenizer, args, device, dtype_name:
             print(f"{label}: {side}, batch {B} ...", file=sys.stderr, flush=True)
             got[side] = common.run_worker(script, {**base, "side": side, "batch_size": B})
         line = {"model": label, "batch_size": B, "prompts": len(prompts),
-                "prompt_tokens": sum(map(len, prompts)), "shared_prefix_tokens": shared_prefix_tokens(prompts),
-                **{s: {k: v for k, v in r.items() if k != "outputs"}
-                                                             for s, r in got.items()}}
+                "prompt_tokens": sum(map(len, prompts)), "shared_prefix_tokens": shared,
+                **{s: {k: v for k, v in r.items() if k != "outputs"} for s, r in got.items()}}
         if "ours" in got and "peer" in got:
             a, b = got["ours"]["outputs"], got["peer"]["outputs"]
             same = [x == y for x, y in zip(a, b)]
@@ -232,10 +228,10 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
             same = f"{line['identical_rows']}/{line['prompts']}" if side == "ours" and "identical_rows" in line else ""
             out.append(f"| {line['model']} | {line['batch_size']} | {side} | {cell(r, 'seconds')} | "
                        f"{cell(r, 'tokens_per_s')} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) | {ratio} | {same} |")
-    first = {line["model"]: line for line in lines}.values()
+    one_per_model = {line["model"]: line for line in lines}.values()   # the prompts are the same at every batch size
     out += [f"\n{line['model']}: {line['prompts']} prompts, {line['prompt_tokens']} prompt tokens, "
             f"{line['shared_prefix_tokens']} ({line['shared_prefix_tokens'] / line['prompt_tokens']:.0%}) in prefixes "
-            "shared with the prompt before (token order)" for line in first]
+            "shared with the prompt before (token order)" for line in one_per_model]
     diffs = [(l["model"], l["batch_size"], l["first_differences"]) for l in lines if l.get("first_differences")]
     for model, B, d in diffs:
         out.append(f"\n{model}, batch {B}: rows that differ part at new-token step(s) {d}")

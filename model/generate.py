@@ -121,15 +121,19 @@ class SlotCache:
         self.stored = list(ids)
 
     def share(self, slot: int, ids: Sequence[int]) -> int:
-        """Copy into slot the longest prefix of `ids` the store holds, leaving at least the last token to
-        compute (its logits give the first new token); return the prefix length."""
-        n = 0
-        for a, b in zip(self.stored, ids[:len(ids) - 1]):
-            if a != b:
-                break
-            n += 1
+        """Copy into slot the prefix of `ids` the store holds (`reusable_prefix`); return its length."""
+        n = reusable_prefix(self.stored, ids)
         self.move(self.store, slot, n)
         return n
+
+
+def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """Tokens of `prompt` whose keys and values a cache holding `cached` already has: their common prefix,
+    leaving at least the prompt's last token to compute (its logits give the first new token)."""
+    n, limit = 0, min(len(cached), len(prompt) - 1)
+    while n < limit and cached[n] == prompt[n]:
+        n += 1
+    return n
 
 
 def _hidden(model: Llama, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,

@@ -12,13 +12,13 @@ scores are not on the same rows and are left out). Every score is read from the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from model.config import read_json  # noqa: E402
 from tasks import ABBREV  # noqa: E402
 
 PM = "Product_Matching"
@@ -54,8 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--multitask", type=Path, default=ROOT / "experiments/pm-135m/report-multitask/finetuned_metrics.json")
     args = parser.parse_args()
-    read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
-    print(table(read(args.multitask), read(PM_ONLY), [read(path) for path in EARLIER]))
+    print(table(read_json(args.multitask), read_json(PM_ONLY), [read_json(path) for path in EARLIER]))
 
 
 if __name__ == "__main__":

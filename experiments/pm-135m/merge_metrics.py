@@ -19,7 +19,6 @@ this experiment, the other tasks from experiments/smollm2-135m-real), so nothing
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from data.ecinstruct import read_rows  # noqa: E402
+from model.config import read_json  # noqa: E402
 from outdir import write_json  # noqa: E402
 
 SAME = ("model", "adapter", "split")
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the metrics.json to write")
     parser.add_argument("sources", type=Path, nargs="+", help="evaluate.py metrics.json files, first wins per task")
     args = parser.parse_args()
-    runs = {shown(path): json.loads(path.read_text()) for path in args.sources}
+    runs = {shown(path): read_json(path) for path in args.sources}
     test = Counter((r["task"], r["setting"]) for r in read_rows(args.rows) if r["split"] == "test")
     try:
         merged = merge(runs, test)
