@@ -1,4 +1,5 @@
-"""Evaluate a model, or a file of any model's outputs, on ECInstruct by the eCeLLM paper's rules.
+"""Evaluate a model, or a file of any model's outputs, on ECInstruct by the eCeLLM paper's rules, or on a task of
+your own by the metric its task spec names.
 
     # the base model zero-shot: the baseline every fine-tuned result is compared with
     python evaluate.py --model smollm2-360m --out runs/eval/smollm2-360m
@@ -11,6 +12,9 @@
     # score existing outputs: JSONL of {task, setting, index, prediction} (or this script's
     # predictions.jsonl); gold outputs from --dataset rows or a --gold file of {task, setting, index, output}
     python evaluate.py --predictions preds.jsonl --dataset rows.jsonl --out runs/score
+    # your own task: rows of {instruction, input, output, task, split}, scored as task_spec.json says, e.g.
+    # {"my_task": {"metric": "f1", "labels": ["yes", "no"], "positive": "yes"}}
+    python evaluate.py --adapter runs/x/adapter --dataset rows.csv --tasks my_task --task-spec task_spec.json
 
 Defaults are the paper's: hub dataset NingLab/ECInstruct, split test, all 10 tasks, settings
 IND_Diverse_Instruction and OOD_Diverse_Instruction, eCeLLM's Alpaca prompt, greedy decoding,
@@ -38,6 +42,15 @@ Text that UTF-8 cannot encode (a lone surrogate in a model output) is written \\
 
 Query_Product_Rank needs eCeLLM's ESCI labels (--qpr-labels qpr_label.json, indexed by test item);
 Answer_Generation needs an F_BERT encoder (--bertscore-model; the paper's is roberta-large, layer 17).
+
+Custom tasks (any task name that is not one of ECInstruct's ten) are scored by metrics/custom.py: the metric
+--task-spec names for them (accuracy, f1, macro_f1, exact_match, token_f1, f_bert; optional labels, outside
+which an answer is invalid), or without a spec exact match after trimming and case folding. results.md and
+metrics.json give them both modes, their invalid counts and the majority-answer baseline (the most frequent
+gold answer of the dataset's train rows of the task, else of the rows scored). --decode labels answers a
+labelled task with its most likely label (by the first answer token) instead of free generation; --decode
+threshold, for a task with two labels and a positive one, answers positive when p(positive) reaches a
+threshold chosen on the dataset's val rows of the task (the best value of its metric there).
 """
 
 from __future__ import annotations
@@ -57,13 +70,15 @@ from pathlib import Path
 from cli import adapter_defaults, check_fingerprint, dtype_type, missing_package, resolve_device, resolve_dtype
 
 try:
-    from data import SETTINGS, load_rows, parse_settings, parse_split, parse_tasks, render_prompt
-    from data.ecinstruct import lone_surrogate
+    from data import SETTINGS, parse_settings, parse_split, parse_tasks, read_rows, render_prompt, select_rows
+    from data.ecinstruct import DataError, lone_surrogate, row_filter
     from data.encode import encode_prompt
     from metrics import evaluate_task, parse_output
+    from metrics.custom import (DEFAULT_SPEC, check_gold, majority_answer, norm, parse_custom, parse_task_spec,
+                                score_custom)
     from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
     from outdir import FolderLock, finish_pending, read_jsonl, replace_together, staging_folder, write_atomic
-    from tasks import ABBREV, TASKS, canonical_task
+    from tasks import ABBREV, abbrev, is_ecinstruct, task_name, task_order
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("evaluate.py", e)
 
@@ -73,13 +88,22 @@ PARTIAL = "predictions.partial.jsonl"   # rows generated so far; a rerun with th
 LOCK_NAME = ".evaluate.lock"
 IND, OOD = "IND_Diverse_Instruction", "OOD_Diverse_Instruction"
 MODES = ("paper", "strict")
+DECODINGS = ("greedy", "labels", "threshold")
+_MAX_NAMED = 5   # blocks named in an error message
+
+
+def setting_order(setting: str) -> tuple:
+    """Sort key: ECInstruct's settings in their order, then custom tasks' settings by name."""
+    return (0, SETTINGS.index(setting), "") if setting in SETTINGS else (1, 0, setting)
+
+
+def row_order(r: dict) -> tuple:
+    return task_order(r["task"]), setting_order(r["setting"]), r["index"]
 
 # ---- command line ---------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    # What to evaluate
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --adapter, --quant: what generates (shared with predict.py)."""
     p.add_argument("--model", help="base model: alias (smollm2-360m, ...), hub id, hub-layout folder (a merged "
                                    "export too) or .gguf file")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT format); merged into the base before generating. "
@@ -88,25 +112,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quant", choices=("none", "nf4"), default=None,
                    help="nf4: quantize the base as in QLoRA training before applying the adapter (default: what "
                         "the adapter's base.json records; none without one)")
-    p.add_argument("--predictions", help="score this file instead of generating: JSONL of {task, setting, index, "
-                                         "prediction} or of this script's predictions.jsonl rows")
-    p.add_argument("--model-name", help="the row label in the tables (default: from --model/--adapter/--predictions)")
-    # Data
-    p.add_argument("--dataset", default="NingLab/ECInstruct", help="hub dataset id or .json/.jsonl/.parquet file "
-                                                                   "(default: NingLab/ECInstruct)")
-    p.add_argument("--split", default="test", help="train, val or test (default: test)")
-    p.add_argument("--tasks", default="all", help="'all' or comma-separated names / abbreviations (default: all)")
-    p.add_argument("--settings", "--setting", dest="settings", default=f"{IND},{OOD}",
-                   help=f"comma-separated, or all (default: {IND},{OOD})")
-    p.add_argument("--skip-invalid", action="store_true", help="leave invalid dataset rows out (counted on stderr) "
-                                                               "instead of stopping at the first")
-    p.add_argument("--limit", type=int, help="at most N rows per task and setting (the first N by index)")
-    p.add_argument("--gold", help="gold outputs, JSONL of {task, setting, index, output}, for --predictions "
-                                  "(instead of the --dataset rows)")
-    p.add_argument("--qpr-labels", help="eCeLLM's ESCI labels of the QPR test items (qpr_label.json); "
-                                        "needed to score Query_Product_Rank")
-    # Generation
+
+
+def add_generation_args(p: argparse.ArgumentParser, *, threshold_help: str) -> None:
+    """How answers are generated (shared with predict.py): template, decoding, batch, limits, dtype, device."""
+    p.add_argument("--task-spec", help="JSON file: how each of your own tasks is scored, {\"TASK\": {\"metric\": "
+                                       "accuracy|f1|macro_f1|exact_match|token_f1|f_bert, \"labels\": [...], "
+                                       "\"positive\": \"...\"}} (default: exact match after trimming and case "
+                                       "folding); its labels are what --decode labels|threshold choose from")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="prompt template (default alpaca)")
+    p.add_argument("--decode", default="greedy", choices=DECODINGS,
+                   help="greedy: free generation (default); labels: each row of a task whose spec has labels gets "
+                        "its most likely label (first answer token); threshold: a task with two labels and a positive "
+                        "one answers positive when p(positive) reaches the threshold (" + threshold_help + "; other "
+                        "tasks: greedy)")
+    p.add_argument("--threshold", type=float, default=None, help="--decode threshold: this threshold on p(positive), "
+                                                                 "in [0, 1]")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoding together (default 16)")
     p.add_argument("--max-new-tokens", default="100", help="N, optionally with per-task limits: '100,SR=4,AG=128' "
                                                            "(default 100)")
@@ -116,6 +137,54 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto, bf16, fp16 or fp32 (bfloat16, float16, float32 too): the base's dtype (auto: the "
                         "adapter's base.json; without one bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+
+
+def check_generation_args(args, p: argparse.ArgumentParser) -> None:
+    """The checks of add_model_args' and add_generation_args' values; sets args.max_new, args.max_new_by_task."""
+    if args.quant == "nf4" and not args.adapter:
+        p.error("--quant nf4 is for running a QLoRA adapter on its NF4 base: give --adapter too")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.threshold is not None and (args.decode != "threshold" or not 0 <= args.threshold <= 1):
+        p.error("--threshold goes with --decode threshold and is a probability in [0, 1]")
+    if args.decode != "greedy" and not args.task_spec:
+        p.error(f"--decode {args.decode} chooses among the labels of a --task-spec: give one")
+    try:
+        args.max_new, args.max_new_by_task = parse_max_new_tokens(args.max_new_tokens)
+    except ValueError as e:
+        p.error(str(e))
+    if args.cutoff <= max([args.max_new, *args.max_new_by_task.values()]):
+        p.error("--cutoff must be larger than --max-new-tokens")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # What to evaluate
+    add_model_args(p)
+    p.add_argument("--predictions", help="score this file instead of generating: JSONL of {task, setting, index, "
+                                         "prediction} or of this script's predictions.jsonl rows")
+    p.add_argument("--model-name", help="the row label in the tables (default: from --model/--adapter/--predictions)")
+    # Data
+    p.add_argument("--dataset", default="NingLab/ECInstruct", help="hub dataset id or .json/.jsonl/.csv/.parquet "
+                                                                   "file (default: NingLab/ECInstruct)")
+    p.add_argument("--split", default="test", help="train, val, test, or all (rows of your own tasks that name no "
+                                                   "split are taken by 'all' only) (default: test)")
+    p.add_argument("--tasks", default="all", help="'all' (every task the dataset holds) or comma-separated names: "
+                                                  "ECInstruct's or their abbreviations, or your own (default: all)")
+    p.add_argument("--settings", "--setting", dest="settings", default=f"{IND},{OOD}",
+                   help=f"comma-separated, or all; ECInstruct's names filter ECInstruct rows, other names your own "
+                        f"tasks' rows, which are taken whole when none is named (default: {IND},{OOD})")
+    p.add_argument("--skip-invalid", action="store_true", help="leave invalid dataset rows out (counted on stderr) "
+                                                               "instead of stopping at the first")
+    p.add_argument("--limit", type=int, help="at most N rows per task and setting (the first N by index)")
+    p.add_argument("--gold", help="gold outputs, JSONL of {task, setting, index, output}, for --predictions "
+                                  "(instead of the --dataset rows)")
+    p.add_argument("--qpr-labels", help="eCeLLM's ESCI labels of the QPR test items (qpr_label.json); "
+                                        "needed to score Query_Product_Rank")
+    # Generation
+    add_generation_args(p, threshold_help="--threshold, or else the one that scores best on the dataset's val rows "
+                                          "of the task")
     # Scoring and output
     p.add_argument("--bertscore-model", default=PAPER_BERTSCORE[0],
                    help="F_BERT encoder for AG: hub id or folder; 'minilm' = the offline all-MiniLM-L6-v2 of the "
@@ -131,21 +200,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "(to score a file)")
     if args.predictions and (args.adapter or args.quant is not None):
         p.error("--adapter and --quant need --model, not --predictions")
-    if args.quant == "nf4" and not args.adapter:
-        p.error("--quant nf4 is for evaluating a QLoRA adapter on its NF4 base: give --adapter too")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.predictions and args.decode != "greedy":
+        p.error("--decode is how answers are generated: it needs --model or --adapter, not --predictions")
+    check_generation_args(args, p)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     try:
         args.task_list = parse_tasks(args.tasks)
-        args.setting_list = parse_settings(args.settings) or list(SETTINGS)
+        args.setting_list = parse_settings(args.settings)   # None: every setting
         args.split = parse_split(args.split)
-        args.max_new, args.max_new_by_task = parse_max_new_tokens(args.max_new_tokens)
     except ValueError as e:
         p.error(str(e))
-    if args.cutoff <= max([args.max_new, *args.max_new_by_task.values()]):
-        p.error("--cutoff must be larger than --max-new-tokens")
     args.explicit_tasks = args.tasks.strip().lower() != "all"
     if args.out is None:
         args.out = str(default_out(args))
@@ -175,7 +240,7 @@ def parse_max_new_tokens(spec: str) -> tuple[int, dict[str, int]]:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"--max-new-tokens: {item!r} is not N or TASK=N with N >= 1")
         if name:
-            by_task[canonical_task(name)] = int(value)
+            by_task[task_name(name)] = int(value)
         else:
             default = int(value)
     return default, by_task
@@ -206,7 +271,7 @@ def record_key(where: str, r: dict) -> tuple[str, str, int]:
     whole = isinstance(index, int) or (isinstance(index, float) and index.is_integer())
     if isinstance(index, bool) or not whole or index < 0:   # 1.9 must not be scored as item 1
         raise ValueError(f"{where}: index must be a whole number 0 or more, got {index!r}")
-    return canonical_task(r["task"]), r["setting"], int(index)
+    return task_name(r["task"]), r["setting"], int(index)
 
 
 def keyed(path: str, records: list, text_fields: tuple[str, ...], what: str) -> dict[tuple, object]:
@@ -244,17 +309,18 @@ def read_predictions(args) -> dict[tuple, object]:
     """
     records = read_json_records(args.predictions)
     if records and all(isinstance(r, str) or r is None for r in records):
-        if len(args.task_list) != 1 or len(args.setting_list) != 1:
+        if args.tasks.strip().lower() == "all" or len(args.task_list) != 1 or len(args.setting_list or ()) != 1:
             raise ValueError(f"{args.predictions} is a plain list of outputs (eCeLLM's format): name its one task "
                              "and setting with --tasks and --settings")
         args.outside_selection = Counter()
         return {(args.task_list[0], args.setting_list[0], i): r for i, r in enumerate(records)}
     preds = keyed(args.predictions, records, ("prediction", "output"), "prediction")
-    unknown = sorted({setting for _, setting, _ in preds if setting not in SETTINGS})
+    unknown = sorted({setting for task, setting, _ in preds if task in ABBREV and setting not in SETTINGS})
     if unknown:
-        raise ValueError(f"{args.predictions}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+        raise ValueError(f"{args.predictions}: unknown ECInstruct setting(s) {', '.join(map(repr, unknown))}; "
                          f"valid: {', '.join(SETTINGS)}")
-    selected = {k: v for k, v in preds.items() if k[0] in args.task_list and k[1] in args.setting_list}
+    wanted = row_filter(args.tasks, args.setting_list)
+    selected = {k: v for k, v in preds.items() if wanted(k[0], k[1])}
     # counted in metrics.json "skipped", so nothing the file holds disappears unreported
     args.outside_selection = Counter(key[:2] for key in preds if key not in selected)
     return selected
@@ -288,6 +354,83 @@ def limit_rows(items: list, limit: int | None, key=lambda r: (r["task"], r["sett
     return kept
 
 
+def read_task_spec(path: str) -> dict:
+    """{task: metrics.custom.TaskSpec} of a --task-spec file; ValueError naming the file otherwise."""
+    from model.config import read_json
+
+    specs = parse_task_spec(read_json(path), path)
+    ecinstruct = [t for t in specs if is_ecinstruct(t)]
+    if ecinstruct:
+        raise ValueError(f"{path}: task {ecinstruct[0]!r} is one of ECInstruct's, which keep the paper's rules: leave "
+                         "it out of the task spec")
+    return specs
+
+
+def check_specs(args, specs: dict, all_rows: list[dict] | None, scored: list[dict]) -> None:
+    """Before any weight loads: each spec'd task is in the data, and every gold output of a spec with labels is one
+    of them (the first that is not is named by file, row and field)."""
+    if not specs:
+        return
+    source = args.dataset if all_rows is not None else (args.gold or args.dataset)
+    held = {r["task"] for r in (all_rows if all_rows is not None else scored)}
+    lacking = [t for t in specs if t not in held]
+    if lacking:
+        raise ValueError(f"{args.task_spec}: task {lacking[0]!r} is not in {source} (its tasks: "
+                         f"{', '.join(sorted(held, key=task_order))})")
+    for task, spec in specs.items():
+        where = (lambda r: f"{source} row {r['row']}") if not args.predictions else \
+            (lambda r: f"{source}, task {r['task']} setting {r['setting']} index {r['index']}")
+        check_gold(spec, [(where(r), r["output"] if not args.predictions else r["gold"])
+                          for r in scored if r["task"] == task])
+
+
+def majority_answers(args, all_rows: list[dict] | None, scored: list[dict]) -> dict[str, tuple[str, str]]:
+    """{custom task: (its majority answer, where it was counted)}: the dataset's train rows of the task when it
+    has any, else the gold outputs of the rows scored."""
+    out = {}
+    for task in sorted({r["task"] for r in scored if r["task"] not in ABBREV}):
+        train = [r["output"] for r in all_rows or () if r["task"] == task and r["split"] == "train"]
+        if train:
+            out[task] = (majority_answer(train), f"train split, {len(train)} rows")
+        else:
+            gold = [r["gold"] if args.predictions else r["output"] for r in scored if r["task"] == task]
+            out[task] = (majority_answer(gold), "the scored rows")
+    return out
+
+
+def label_decoding_plan(args, specs: dict, all_rows: list[dict] | None, tasks: set) -> tuple[list[str], list[dict]]:
+    """(tasks --decode answers from label probabilities, the val rows a threshold is chosen on); a --decode that no
+    task can take, or a threshold without val rows, stops here, before any weight loads."""
+    if args.decode == "greedy":
+        return [], []
+    if args.decode == "labels":
+        chosen = sorted((t for t in tasks if t in specs and specs[t].labels), key=task_order)
+        need = "a task whose --task-spec entry has labels"
+    else:
+        chosen = sorted((t for t in tasks if t in specs and specs[t].labels and len(specs[t].labels) == 2
+                         and specs[t].positive), key=task_order)
+        need = "a task whose --task-spec entry has two labels and a positive one"
+    if not chosen:
+        raise ValueError(f"--decode {args.decode} needs {need}; the selected tasks ({', '.join(sorted(tasks))}) have "
+                         "none: use --decode greedy")
+    val_rows = []
+    if args.decode == "threshold" and args.threshold is None:
+        wanted = row_filter(",".join(chosen), args.setting_list)
+        val_rows = [r for r in all_rows if r["split"] == "val" and wanted(r["task"], r["setting"])]
+        lacking = [t for t in chosen if not any(r["task"] == t for r in val_rows)]
+        if lacking:
+            raise ValueError(f"--decode threshold chooses its threshold on the val rows of each task, and "
+                             f"{args.dataset} has none of task {lacking[0]!r} (rows with split val)")
+        if args.split == "val":
+            print("note: --decode threshold with --split val chooses the threshold on the rows it scores: the score "
+                  "is optimistic", file=sys.stderr)
+    others = sorted(tasks - set(chosen), key=task_order)
+    if others:
+        print(f"note: --decode {args.decode} answers {', '.join(chosen)}; {', '.join(others)} stay greedy",
+              file=sys.stderr)
+    return chosen, val_rows
+
+
 # ---- generation -----------------------------------------------------------------------------------
 
 def load_for_generation(args):
@@ -315,8 +458,21 @@ def load_for_generation(args):
     return model, tokenizer
 
 
-def generate_records(args, rows: list[dict]) -> list[dict]:
-    """Greedy outputs for `rows`: one record per row (task, setting, index, prompt hash, raw output, ...)."""
+def prompt_of(args, row: dict, tokenizer, context: int, max_new: int) -> tuple[list[int], bool, str]:
+    """(prompt ids that leave room for max_new tokens, truncated?, prompt text) of one row."""
+    text = render_prompt(row, args.template, tokenizer)
+    encoded = encode_prompt(row, tokenizer, max_len=context - max_new, template=args.template)
+    if encoded is None:   # too long even with an empty input field: keep the prompt's last tokens
+        return tokenizer.encode(text, bos=True)[-(context - max_new):], True, text
+    return *encoded, text
+
+
+def generate_records(args, rows: list[dict], specs: dict | None = None, val_rows: list[dict] = (), *,
+                     partial: Path | None = None) -> list[dict]:
+    """Outputs for `rows`, one record per row (task, setting, index, prompt hash, raw output, ...): greedy, or
+    for the tasks args.label_tasks names, the label decoding of --decode (val_rows: for its threshold).
+    Greedy rows are saved to `partial` (default --out/predictions.partial.jsonl) as they finish, and a rerun
+    with the same settings takes them from there."""
     from model import generate_batched
 
     model, tokenizer = load_for_generation(args)
@@ -324,25 +480,27 @@ def generate_records(args, rows: list[dict]) -> list[dict]:
     records, prompts, limits = [], [], []
     for row in rows:
         max_new = args.max_new_by_task.get(row["task"], args.max_new)
-        text = render_prompt(row, args.template, tokenizer)
-        encoded = encode_prompt(row, tokenizer, max_len=context - max_new, template=args.template)
-        if encoded is None:   # too long even with an empty input field: keep the prompt's last tokens
-            ids, truncated = tokenizer.encode(text, bos=True)[-(context - max_new):], True
-        else:
-            ids, truncated = encoded
+        ids, truncated, text = prompt_of(args, row, tokenizer, context, max_new)
         prompts.append(ids)
         limits.append(max_new)
         records.append({"task": row["task"], "setting": row["setting"], "index": row["index"],
                         "prompt_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                         "gold": row["output"], "truncated": truncated})
+    args.decoding = {}
+    for task in args.label_tasks:   # answered from the first answer token's distribution, not generated
+        chosen = [i for i, r in enumerate(records) if r["task"] == task]
+        val = [prompt_of(args, r, tokenizer, context, 1)[0] for r in val_rows if r["task"] == task]
+        args.decoding[task] = decode_labels(args, model, tokenizer, specs[task], [records[i] for i in chosen],
+                                            [prompts[i] for i in chosen], val,
+                                            [r["output"] for r in val_rows if r["task"] == task])
     # Rows an interrupted run with the same settings already generated are taken from its partial file.
-    partial = Path(args.out) / PARTIAL
+    partial = partial or Path(args.out) / PARTIAL
     settings = generation_settings(args)
     done = read_partial(partial, settings)
     kept = []   # (record, its new tokens)
     for r in records:
         key = (r["task"], r["setting"], r["index"], r["prompt_sha256"])
-        if key in done:
+        if key in done and "output" not in r:   # (a label-decoded row has its answer already)
             r["output"], tokens = done[key]
             kept.append((r, tokens))
     reused, n_tokens = len(kept), sum(tokens for _, tokens in kept)
@@ -374,6 +532,66 @@ def generate_records(args, rows: list[dict]) -> list[dict]:
     return records
 
 
+def decode_labels(args, model, tokenizer, spec, records: list[dict], prompts: list[list[int]],
+                  val_prompts: list[list[int]], val_gold: list[str]) -> dict:
+    """Answer `records` (one task) with a label of `spec`, from p(label | prompt) = the next-token distribution
+    at the end of the prompt over the labels' first tokens (as the spec spells them), renormalized:
+    --decode labels: the most likely label; --decode threshold (two labels, one positive): the positive label when
+    p(positive) >= t, t the candidate (every val row's p(positive), at most 512 quantiles of them) whose answers
+    score best on the val rows by the spec's metric (the higher t on a tie). Each record gets "output" and
+    "label_probs"; returns what was decided, for metrics.json."""
+    import torch
+
+    from model import next_token_logprobs
+
+    firsts = {}
+    for label in spec.labels:
+        ids = tokenizer.encode(label)
+        if not ids or ids[0] in firsts.values():
+            other = next((l for l, t in firsts.items() if ids and t == ids[0]), None)
+            raise ValueError(f"--decode {args.decode} reads each label's first answer token, but labels {other!r} and "
+                             f"{label!r} of task {records[0]['task']} start with the same token: use --decode greedy")
+        firsts[label] = ids[0]
+    labels, token_ids = list(firsts), list(firsts.values())
+
+    def probs(prompt_ids):
+        return torch.softmax(next_token_logprobs(model, prompt_ids, token_ids, batch_size=args.batch_size,
+                                                 progress=True), dim=-1) if prompt_ids else torch.empty(0, len(labels))
+
+    started = time.time()
+    p = probs(prompts)
+    decided = {"decode": args.decode, "labels": labels}
+    if args.decode == "threshold" and getattr(args, "threshold", None) is not None:   # given: nothing to choose
+        pos = next(i for i, l in enumerate(labels) if norm(l) == norm(spec.positive))
+        answers = [labels[pos] if x >= args.threshold else labels[1 - pos] for x in p[:, pos].tolist()]
+        decided.update(threshold=args.threshold, val_rows=0, val_score=None, given=True)
+    elif args.decode == "threshold":
+        pos = next(i for i, l in enumerate(labels) if norm(l) == norm(spec.positive))
+        neg = 1 - pos
+        pv = probs(val_prompts)[:, pos].tolist()
+        candidates = sorted(set(pv))
+        if len(candidates) > 512:
+            candidates = sorted({candidates[round(k * (len(candidates) - 1) / 511)] for k in range(512)})
+        best = None
+        for t in candidates:
+            answers = [labels[pos] if x >= t else labels[neg] for x in pv]
+            value = score_custom(spec, answers, val_gold, mode="strict")["score"]
+            if best is None or value >= best[0]:
+                best = (value, t)
+        threshold = best[1]
+        answers = [labels[pos] if x >= threshold else labels[neg] for x in p[:, pos].tolist()]
+        decided.update(threshold=threshold, val_rows=len(val_prompts), val_score=best[0])
+        print(f"--decode threshold: {records[0]['task']} answers {labels[pos]!r} when p({labels[pos]}) >= "
+              f"{threshold:.4f} ({spec.metric} {best[0]:.3f} on {len(val_prompts)} val rows)", file=sys.stderr)
+    else:
+        answers = [labels[i] for i in p.argmax(dim=-1).tolist()]
+    for r, answer, row_probs in zip(records, answers, p.tolist()):
+        r["output"] = answer
+        r["label_probs"] = {label: round(x, 6) for label, x in zip(labels, row_probs)}
+    decided["seconds"] = round(time.time() - started, 2)
+    return decided
+
+
 def file_identity(source: str | None) -> list | None:
     """[name, size, mtime] of the files of a local model or adapter (None for a hub id, which names itself):
     a partial file generated with other weights at the same path is not reused."""
@@ -389,6 +607,7 @@ def generation_settings(args) -> dict:
     return {"model": args.model, "model_files": file_identity(args.model), "adapter": args.adapter,
             "adapter_files": file_identity(args.adapter), "quant": args.quant, "template": args.template,
             "max_new_tokens": [args.max_new, args.max_new_by_task], "cutoff": args.cutoff, "dtype": args.dtype,
+            "decode": args.decode,
             "device": str(args.device).split(":")[0]}
 
 
@@ -438,13 +657,13 @@ def join_gold(args, predictions: dict[tuple, object]) -> tuple[list[dict], dict]
         gold = keyed(args.gold, read_json_records(args.gold), ("output",), "gold output")
         source = args.gold
     else:
-        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list,
-                         skip_invalid=args.skip_invalid)
+        rows = select_rows(read_rows(args.dataset, skip_invalid=args.skip_invalid), split=args.split,
+                           tasks=args.tasks, settings=args.setting_list, source=args.dataset)
         gold = {(r["task"], r["setting"], r["index"]): r["output"] for r in rows}
         source = args.dataset
     gold_blocks = Counter((t, s) for t, s, _ in gold)
     records, no_block, no_row = [], Counter(), Counter()
-    for key in sorted(predictions, key=lambda k: (TASKS.index(k[0]), SETTINGS.index(k[1]) if k[1] in SETTINGS else 99, k[2])):
+    for key in sorted(predictions, key=lambda k: (task_order(k[0]), setting_order(k[1]), k[2])):
         task, setting, index = key
         if (task, setting) not in gold_blocks:
             no_block[task, setting] += 1
@@ -461,10 +680,12 @@ def join_gold(args, predictions: dict[tuple, object]) -> tuple[list[dict], dict]
         missing = [t for t in args.task_list if t not in scored_tasks]
         if missing:
             raise ValueError(f"no prediction with a gold output in {source} for task(s) {', '.join(missing)} "
-                             f"in settings {', '.join(args.setting_list)}")
+                             f"in settings {args.settings}")
     if not records:
+        lacking = ", ".join(f"{abbrev(t)}/{st} {n}" for (t, st), n in sorted(no_block.items())[:_MAX_NAMED])
         raise ValueError(f"no prediction of {args.predictions} has a gold output in {source} "
-                         f"(tasks {args.tasks}, settings {','.join(args.setting_list)}, split {args.split})")
+                         f"(tasks {args.tasks}, settings {args.settings}, split {args.split})"
+                         + (f"; task/setting blocks it holds that {source} lacks: {lacking}" if lacking else ""))
     predicted = Counter((r["task"], r["setting"]) for r in records) + no_row
     without_prediction = {b: n - predicted[b] for b, n in gold_blocks.items() if n > predicted[b]}
     skipped = {"outside_selected_tasks_settings": args.outside_selection, "no_gold_for_task_setting": no_block,
@@ -495,14 +716,21 @@ def make_bertscorer(args):
                          "out of --tasks") from None
 
 
-def score(records: list[dict], *, qpr_labels, bertscorer) -> dict:
-    """{task: {setting: {"paper": metrics, "strict": metrics}}} over each (task, setting) block."""
+def score(records: list[dict], *, qpr_labels, bertscorer, specs: dict | None = None,
+          majority: dict | None = None) -> dict:
+    """{task: {setting: {"paper": metrics, "strict": metrics}}} over each (task, setting) block. A custom task
+    is scored by its spec (metrics/custom.py), and its block also gets "majority": the majority-answer
+    baseline ({"answer", "from", "paper", "strict"}) when `majority` gives {task: (answer, where from)}."""
     blocks = defaultdict(list)
     for r in records:
         blocks[r["task"], r["setting"]].append(r)
     results: dict = {}
-    for (task, setting), block in sorted(blocks.items(), key=lambda kv: (TASKS.index(kv[0][0]), kv[0][1])):
+    for (task, setting), block in sorted(blocks.items(), key=lambda kv: (task_order(kv[0][0]), setting_order(kv[0][1]))):
         block.sort(key=lambda r: r["index"])
+        if task not in ABBREV:
+            results.setdefault(task, {})[setting] = score_custom_block(block, (specs or {}).get(task, DEFAULT_SPEC),
+                                                                       (majority or {}).get(task), bertscorer)
+            continue
         predictions = [r["output"].strip() if isinstance(r["output"], str) else None for r in block]
         references = [r["gold"] for r in block]
         labels = None
@@ -524,6 +752,23 @@ def score(records: list[dict], *, qpr_labels, bertscorer) -> dict:
     return results
 
 
+def score_custom_block(block: list[dict], spec, majority: tuple[str, str] | None, bertscorer) -> dict:
+    """A custom task's block in both modes (metrics/custom.py), the spec it was scored by, and its majority
+    baseline: the constant answer `majority` names, scored the same way."""
+    outputs, gold = [r["output"] for r in block], [r["gold"] for r in block]
+    by_mode = {mode: score_custom(spec, outputs, gold, mode=mode, bertscorer=bertscorer) for mode in MODES}
+    for mode in MODES:
+        by_mode[mode]["spec"] = spec.describe()
+    for r in block:
+        r["parsed"], r["valid"] = parse_custom(spec, r["output"])
+    if majority is not None:
+        answer, source = majority
+        by_mode["majority"] = {"answer": answer, "from": source, **{
+            mode: score_custom(spec, [answer] * len(block), gold, mode=mode, bertscorer=bertscorer)["score"]
+            for mode in MODES}}
+    return by_mode
+
+
 # ---- reports --------------------------------------------------------------------------------------
 
 def fmt(x, digits: int = 3) -> str:
@@ -532,7 +777,7 @@ def fmt(x, digits: int = 3) -> str:
 
 def run_scores(results: dict, setting: str, columns: tuple[str, ...], mode: str = "paper") -> list:
     """This run's primary scores in the paper's column order (None where not evaluated)."""
-    by_abbrev = {ABBREV[t]: s for t, s in results.items()}
+    by_abbrev = {ABBREV[t]: s for t, s in results.items() if t in ABBREV}
     return [by_abbrev[a][setting][mode]["score"] if setting in by_abbrev.get(a, {}) else None for a in columns]
 
 
@@ -562,7 +807,7 @@ def comparison_table(title: str, published: list, columns: tuple[str, ...], run_
 
 def render_results_md(args, results: dict, meta: dict) -> str:
     label = meta["label"]
-    lines = [f"# ECInstruct evaluation: {label}", "", f"- command: `{meta['command']}`"]
+    lines = [f"# Evaluation: {label}", "", f"- command: `{meta['command']}`"]
     if args.predictions:
         lines.append(f"- predictions: `{args.predictions}`; gold: `{meta['skipped']['gold_source']}`")
     else:
@@ -572,6 +817,11 @@ def render_results_md(args, results: dict, meta: dict) -> str:
                   f"- dataset: `{args.dataset}`, split {args.split}; template {args.template}; greedy, "
                   f"max new tokens {args.max_new_tokens}, batch {args.batch_size}, cutoff {args.cutoff}, "
                   f"{args.dtype} on {args.device}"]
+        for task, d in (getattr(args, "decoding", None) or {}).items():
+            how = (f"threshold {d['threshold']:.4f} on p(positive), chosen on {d['val_rows']} val rows (score "
+                   f"{d['val_score']:.3f} there)" if d["decode"] == "threshold" else "the most likely label")
+            lines.append(f"- decoding of {task}: {how}, from the first answer token over the labels "
+                         f"{', '.join(d['labels'])} (--decode {d['decode']}; other tasks greedy)")
         g = args.generation
         lines.append(f"- generation: {meta['n_rows']} rows, {g['new_tokens']} new tokens in {g['seconds']:.0f} s "
                      f"({g['tokens_per_second']} tokens/s); prompts truncated: {g['truncated_prompts']}")
@@ -579,20 +829,41 @@ def render_results_md(args, results: dict, meta: dict) -> str:
                  + (f", first {args.limit} per block (--limit)" if args.limit else ""))
     for what, counts in (meta.get("skipped") or {}).items():
         if isinstance(counts, Counter) and counts:
-            text = ", ".join(f"{ABBREV[t]}/{s} {n}" for (t, s), n in sorted(counts.items()))
+            text = ", ".join(f"{abbrev(t)}/{s} {n}" for (t, s), n in sorted(counts.items()))
             lines.append(f"- not scored ({what.replace('_', ' ')}): {text}")
     if meta["bertscore"]:
         b = meta["bertscore"]
         comparable = (b["model"], b["layer"]) == PAPER_BERTSCORE
         lines.append(f"- F_BERT (AG): {b['model']}, layer {b['layer']}" + (" (the paper's encoder)" if comparable else
                      " † a proxy: not comparable with the paper's roberta-large layer 17 numbers"))
-    lines += ["", "## This run", "",
+    custom = {t: by_setting for t, by_setting in results.items() if t not in ABBREV}
+    paper = {t: by_setting for t, by_setting in results.items() if t in ABBREV}
+    if custom:
+        lines += ["", "## Your tasks", "",
+                  "Each scored by its task spec (metrics/custom.py; answers compared trimmed, case-folded, white space "
+                  "collapsed). paper: invalid answers (outside the spec's labels) left out of the label metrics; "
+                  "strict: they count as wrong. majority: the most frequent gold answer, given to every row.", "",
+                  "| task | setting | metric | paper | strict | n | invalid | majority answer | majority (paper / strict) |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+        for task, by_setting in custom.items():
+            for setting, m in by_setting.items():
+                p, s, base = m["paper"], m["strict"], m.get("majority")
+                base_cells = (f"{base['answer']!r} ({base['from']}) | {fmt(base['paper'])} / {fmt(base['strict'])}"
+                              if base else "– | –")
+                lines.append(f"| {task} | {setting} | {p['spec']} | {fmt(p['score'])} | {fmt(s['score'])} | {p['n']} | "
+                             f"{p['n_invalid']} | {base_cells} |")
+        lines.append("")
+    if not paper:
+        if args.limit or any(m["paper"]["n"] < 100 for s in custom.values() for m in s.values()):
+            lines.append("Some blocks hold fewer than 100 rows: their scores are noisy.")
+        return "\n".join(lines) + "\n"
+    lines += ["", "## This run" + (" (ECInstruct tasks)" if custom else ""), "",
               "paper: eCeLLM's evaluate.py rules (invalid outputs left out of classification metrics); "
               "strict: invalid outputs count as wrong.", ""]
-    for setting in sorted({s for by_setting in results.values() for s in by_setting}, key=SETTINGS.index):
+    for setting in sorted({s for by_setting in paper.values() for s in by_setting}, key=setting_order):
         lines += [f"### {setting}", "", "| task | metric | paper | strict | n | invalid |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]
-        for task, by_setting in results.items():
+        for task, by_setting in paper.items():
             if setting in by_setting:
                 p, s = by_setting[setting]["paper"], by_setting[setting]["strict"]
                 lines.append(f"| {ABBREV[task]} | {p['metric']} | {fmt(p['score'])} | {fmt(s['score'])} | {p['n']} | "
@@ -624,47 +895,75 @@ def is_ag_proxy(bertscore: dict | None) -> bool:
 
 
 def plot_results(results: dict, label: str, path: Path, ag_proxy: str | None = None) -> bool:
-    """results.png: this run against the published rows, per task, IND and OOD; False without matplotlib.
-    ag_proxy names the stand-in F_BERT encoder when AG was not scored with the paper's: this run's AG bar is
-    then cross-hatched and its tick reads "AG†", and the title says what it was scored with."""
+    """results.png; False without matplotlib. ECInstruct tasks: one panel per setting (IND, OOD), this run (black)
+    among the published rows, per task. Custom tasks: one panel, each task/setting block's score (paper rules), the
+    strict score and the majority-answer baseline. ag_proxy names the stand-in F_BERT encoder when AG was not
+    scored with the paper's: this run's AG bar is then cross-hatched and its tick reads "AG†". Panel titles are
+    short; what the hatching means is said once, under the panels, and the legend has its own column."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = [("IND_Diverse_Instruction", IND, PAPER_IND, IND_TASKS), ("OOD_Diverse_Instruction", OOD, PAPER_OOD, OOD_TASKS)]
-    fig, axes = plt.subplots(2, 1, figsize=(17, 9))
+    custom = [(t, s, m) for t, by_setting in results.items() if t not in ABBREV for s, m in by_setting.items()]
+    panels = [("In-domain: IND_Diverse_Instruction", IND, PAPER_IND, IND_TASKS),
+              ("Out-of-domain: OOD_Diverse_Instruction", OOD, PAPER_OOD, OOD_TASKS)] \
+        if any(t in ABBREV for t in results) else []
+    n_panels = len(panels) + bool(custom)
+    fig, axes = plt.subplots(n_panels, 1, figsize=(15, 4.2 * n_panels + 0.6), squeeze=False)
+    axes = list(axes[:, 0])
+    colors = plt.get_cmap("tab20")(range(len(PAPER_IND) + 1))
     for ax, (title, setting, published, columns) in zip(axes, panels):
         rows = [(m, v) for m, _, v in published] + [(label, run_scores(results, setting, columns))]
         width = 0.8 / len(rows)
-        colors = plt.get_cmap("tab20")(range(len(rows)))
         for k, (model, values) in enumerate(rows):
             mine = k == len(rows) - 1
             xs = [i + (k - len(rows) / 2 + 0.5) * width for i in range(len(columns))]
-            bars = ax.bar(xs, [math.nan if v is None else v for v in values], width, label=model,
+            bars = ax.bar(xs, [math.nan if v is None else v for v in values], width,
                           color="black" if mine else colors[k])
-            for bar, abbrev in zip(bars, columns):   # footnoted published cells (e.g. the study's AVE) hatched
-                if any(model.startswith(prefix) and a == abbrev for prefix, a in PAPER_NOTES):
+            for bar, abbrev_ in zip(bars, columns):   # footnoted published cells (e.g. the study's AVE) hatched
+                if any(model.startswith(prefix) and a == abbrev_ for prefix, a in PAPER_NOTES):
                     bar.set_hatch("//")
                     bar.set_edgecolor("white")
-                elif mine and ag_proxy and abbrev == "AG":   # a stand-in encoder's F_BERT: not the published scale
+                elif mine and ag_proxy and abbrev_ == "AG":   # a stand-in encoder's F_BERT: not the published scale
                     bar.set_hatch("xx")
                     bar.set_edgecolor("white")
         ax.set_xticks(range(len(columns)), [f"{c}†" if ag_proxy and c == "AG" else c for c in columns])
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{title}: primary metric per task (paper rules; hatched = footnoted in results.md"
-                     + (f"; AG† cross-hatched: F_BERT from {ag_proxy}, a proxy not comparable with the published AG"
-                        if ag_proxy and "AG" in columns else "") + ")")
+        ax.set_title(title, loc="left", fontsize=11)
+        ax.set_ylabel("primary metric (paper rules)")
         ax.grid(axis="y", alpha=0.3)
-    from matplotlib.patches import Patch   # plain swatches: a hatched first bar must not hatch the legend
+    if custom:
+        ax = axes[-1]
+        names = [t if len({s for _, s, _ in custom}) == 1 else f"{t}\n{s}" for t, s, _ in custom]
+        for k, (what, color, values) in enumerate((
+                ("this run (paper)", "black", [m["paper"]["score"] for _, _, m in custom]),
+                ("this run (strict)", "0.55", [m["strict"]["score"] for _, _, m in custom]),
+                ("majority answer", "#9ecae1", [m["majority"]["strict"] if "majority" in m else None
+                                                for _, _, m in custom]))):
+            xs = [i + (k - 1) * 0.27 for i in range(len(custom))]
+            ax.bar(xs, [math.nan if v is None else v for v in values], 0.27, color=color, label=what)
+        ax.set_xticks(range(len(custom)), names)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"Your tasks: {label}", loc="left", fontsize=11)
+        ax.set_ylabel("the task spec's metric")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    notes = []
+    if panels:
+        from matplotlib.patches import Patch   # plain swatches: a hatched first bar must not hatch the legend
 
-    rows = [m for m, _, _ in panels[0][2]] + [label]
-    colors = plt.get_cmap("tab20")(range(len(rows)))
-    handles = [Patch(facecolor="black" if k == len(rows) - 1 else colors[k], label=m) for k, m in enumerate(rows)]
-    fig.legend(handles=handles, loc="center right", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    fig.savefig(path, dpi=110)
+        names = [m for m, _, _ in PAPER_IND] + [label]
+        handles = [Patch(facecolor="black" if k == len(names) - 1 else colors[k], label=m) for k, m in enumerate(names)]
+        axes[0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+        notes.append("Hatched: footnoted in results.md.")
+        if ag_proxy:
+            notes.append(f"AG† cross-hatched: F_BERT from {ag_proxy}, a proxy not comparable with the published AG.")
+    if notes:
+        fig.text(0.01, 0.005, " ".join(notes), fontsize=9, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -679,12 +978,15 @@ def default_label(args) -> str:
 
 
 def print_summary(results: dict) -> None:
-    print(f"{'task':<5} {'setting':<26} {'metric':<10} {'paper':>7} {'strict':>7} {'n':>6} {'invalid':>8}")
+    width = max([5] + [len(abbrev(t)) for t in results])
+    print(f"{'task':<{width}} {'setting':<26} {'metric':<11} {'paper':>7} {'strict':>7} {'n':>6} {'invalid':>8}"
+          + ("  majority" if any(t not in ABBREV for t in results) else ""))
     for task, by_setting in results.items():
         for setting, m in by_setting.items():
             p, s = m["paper"], m["strict"]
-            print(f"{ABBREV[task]:<5} {setting:<26} {p['metric']:<10} {fmt(p['score']):>7} {fmt(s['score']):>7} "
-                  f"{p['n']:>6} {p['n_invalid']:>8}")
+            base = f"  {fmt(m['majority']['strict'])} ({m['majority']['answer']!r})" if "majority" in m else ""
+            print(f"{abbrev(task):<{width}} {setting:<26} {p['metric']:<11} {fmt(p['score']):>7} {fmt(s['score']):>7} "
+                  f"{p['n']:>6} {p['n_invalid']:>8}{base}")
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -712,34 +1014,45 @@ def evaluate(args, argv) -> int:
 
         read_adapter_config(args.adapter)
         args.base_record = adapter_defaults(args, dtype=True)   # --model, --quant, --dtype: the trained base's
+    specs = read_task_spec(args.task_spec) if args.task_spec else {}
+    all_rows = None
     if args.predictions:
         records, skipped = join_gold(args, read_predictions(args))
         records = limit_rows(records, args.limit)
+        if not args.gold and any(r["task"] not in ABBREV for r in records):   # for the majority baselines
+            all_rows = read_rows(args.dataset, skip_invalid=args.skip_invalid)
     else:
-        rows = load_rows(args.dataset, split=args.split, tasks=args.task_list, settings=args.setting_list,
-                         skip_invalid=args.skip_invalid)
+        all_rows = read_rows(args.dataset, skip_invalid=args.skip_invalid)
+        rows = select_rows(all_rows, split=args.split, tasks=args.tasks, settings=args.setting_list,
+                           source=args.dataset)
         rows = limit_rows(sorted(rows, key=lambda r: (r["task"], r["setting"], r["index"])), args.limit)
-    tasks_present = {r["task"] for r in (records if args.predictions else rows)}
+    scored = records if args.predictions else rows
+    tasks_present = {r["task"] for r in scored}
     # Check what scoring needs before spending time on generation.
+    check_specs(args, specs, all_rows, scored)
+    majority = majority_answers(args, all_rows, scored)
+    args.label_tasks, val_rows = label_decoding_plan(args, specs, all_rows, tasks_present)
     qpr_labels = None
     if QPR in tasks_present:
         if not args.predictions and args.split != "test":
             raise ValueError("--qpr-labels are eCeLLM's labels of the QPR *test* items: use --split test, or leave "
                              "QPR out of --tasks")
         qpr_labels = read_qpr_labels(args.qpr_labels)
-    bertscorer = make_bertscorer(args) if AG in tasks_present else None
+    needs_bert = AG in tasks_present or any(specs.get(t, DEFAULT_SPEC).metric == "f_bert" for t in tasks_present)
+    bertscorer = make_bertscorer(args) if needs_bert else None
     if not args.predictions:
-        records = generate_records(args, rows)
-    results = score(records, qpr_labels=qpr_labels, bertscorer=bertscorer)
+        records = generate_records(args, rows, specs, val_rows)
+    results = score(records, qpr_labels=qpr_labels, bertscorer=bertscorer, specs=specs, majority=majority)
 
     # The set (predictions, metrics, results.md, chart) is written to a staging folder, then replaces the
     # previous set together; text that UTF-8 cannot encode (a lone surrogate) is written escaped.
     out = Path(args.out)
     staged = staging_folder(out)
     label = default_label(args)
-    fields = ("task", "setting", "index", "prompt_sha256", "output", "parsed", "valid", "gold", "truncated")
+    fields = ("task", "setting", "index", "prompt_sha256", "output", "label_probs", "parsed", "valid", "gold",
+              "truncated")
     with open(staged / "predictions.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
-        for r in sorted(records, key=lambda r: (TASKS.index(r["task"]), SETTINGS.index(r["setting"]), r["index"])):
+        for r in sorted(records, key=row_order):
             f.write(json.dumps({k: r[k] for k in fields if k in r}, ensure_ascii=False) + "\n")
     bertscore = {"model": bertscorer.name, "layer": bertscorer.layer} if bertscorer else None
     meta = {"label": label, "command": command, "n_rows": len(records),
@@ -748,8 +1061,10 @@ def evaluate(args, argv) -> int:
         "model": args.model, "adapter": args.adapter, "predictions": args.predictions, "label": label,
         "dataset": None if args.gold else args.dataset, "gold": args.gold, "split": args.split,
         "tasks": args.task_list, "settings": args.setting_list, "limit": args.limit,
+        "task_spec": args.task_spec,
         "generation": None if args.predictions else {
-            "template": args.template, "greedy": True, "max_new_tokens": args.max_new,
+            "template": args.template, "greedy": args.decode == "greedy", "decode": args.decode, "label_decoding": args.decoding or None,
+            "max_new_tokens": args.max_new,
             "max_new_tokens_by_task": args.max_new_by_task, "batch_size": args.batch_size, "cutoff": args.cutoff,
             "dtype": args.dtype, "device": args.device, "quant": args.quant, **args.generation},
         "bertscore": bertscore,

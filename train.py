@@ -71,6 +71,7 @@ try:
 
     from data import (SETTINGS, DataError, pack, parse_settings, parse_tasks, plan_epoch, read_rows,
                       select_rows, tokenize_rows)
+    from data.ecinstruct import DATA_SUFFIXES, VAL_FRACTION, hold_out
     from data.batching import padding_stats
     from model import PRESETS, Packing, count_parameters, load_model, load_tokenizer
     from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, rng_state, set_rng_state
@@ -125,12 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="NingLab/ECInstruct",
-                   help="the hub dataset id or a local .json/.jsonl/.parquet file (default: %(default)s)")
-    g.add_argument("--tasks", default="all", help="all, or a comma list of task names or abbreviations "
-                                                  "(AVE,PRP,...) (default: %(default)s)")
+                   help="the hub dataset id or a local .json/.jsonl/.csv/.parquet file: ECInstruct rows, or rows of "
+                        "your own task (instruction, input, output, task, and optionally split and setting; see the "
+                        "README's 'Your own task'). Rows that name no split are split here: per task, a seeded "
+                        f"{VAL_FRACTION:.0%} (by --seed; none of a task with fewer than 10 rows) is held out for "
+                        "validation, the rest trains (default: %(default)s)")
+    g.add_argument("--tasks", default="all", help="all (every task the dataset holds), or a comma list of task "
+                                                  "names: ECInstruct's (or their abbreviations AVE,PRP,...) or your "
+                                                  "own (default: %(default)s)")
     g.add_argument("--setting", "--settings", dest="setting", default="IND_Diverse_Instruction", metavar="SETTING",
-                   help="ECInstruct setting(s) to train and validate on, comma-separated: " + ", ".join(SETTINGS) +
-                        " (default: %(default)s)")
+                   help="setting(s) to train and validate on, comma-separated: ECInstruct's (" + ", ".join(SETTINGS) +
+                        ") filter ECInstruct rows; other names filter your own tasks' rows, which are taken whole "
+                        "when none is named (default: %(default)s)")
     g.add_argument("--skip-invalid", action="store_true", help="leave invalid dataset rows out (counted on stderr) "
                                                                "instead of stopping at the first")
     g.add_argument("--cutoff", type=int, default=2048,
@@ -256,7 +263,7 @@ def check_args(args, parser) -> None:
         parser.error(f"--model {text!r} is not a known alias ({', '.join(PRESETS)}), a hub id (org/name), a folder "
                      "or a .gguf file")
     dpath = Path(args.dataset).expanduser()
-    data_local = args.dataset.endswith((".json", ".jsonl", ".parquet")) or args.dataset.startswith((".", "/", "~"))
+    data_local = args.dataset.lower().endswith(DATA_SUFFIXES) or args.dataset.startswith((".", "/", "~"))
     if data_local and not dpath.is_file():
         parser.error(f"--dataset {args.dataset}: no such file")
     if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():
@@ -279,16 +286,27 @@ def model_slug(model: str) -> str:
 
 def read_data(args, say) -> tuple[list[dict], list[dict]]:
     """The training and validation rows, read and checked before any weight is loaded (a bad row costs no
-    model load): the --tasks and --setting selection, then seeded subsets of --max-train-rows and --val-size."""
+    model load): the --tasks and --setting selection (rows that name no split held out by data.hold_out), then
+    seeded subsets of --max-train-rows and --val-size."""
     settings = args.setting.split(",")
+
+    def chosen(rows, split):
+        try:
+            return select_rows(rows, split=split, tasks=args.tasks, settings=settings, source=args.dataset)
+        except DataError:
+            return []
+
     try:
         all_rows = read_rows(args.dataset, skip_invalid=args.skip_invalid)
-        train_rows = select_rows(all_rows, split="train", tasks=args.tasks, settings=settings, source=args.dataset)
-        try:
-            val_rows = select_rows(all_rows, split="val", tasks=args.tasks, settings=settings,
-                                   source=args.dataset) if args.val_size else []
-        except DataError:
-            val_rows = []
+        held_train, held_val = hold_out(chosen(all_rows, "unsplit"), seed=args.seed)
+        if held_train or held_val:
+            say(f"rows without a split: {len(held_train)} train, {len(held_val)} held out for validation "
+                f"({VAL_FRACTION:.0%} of each task's, seed {args.seed})")
+        train_rows = chosen(all_rows, "train") + held_train
+        if not train_rows:   # the error that says what the file holds
+            select_rows(all_rows, split="train", tasks=args.tasks, settings=settings, source=args.dataset)
+        val_rows = (chosen(all_rows, "val") + held_val) if args.val_size else []
+        if args.val_size and not val_rows:
             say(f"note: {args.dataset} has no val rows for these tasks and setting: no validation loss, no best/")
     except DataError as e:
         fail(str(e), 2)

@@ -271,3 +271,35 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
     finish()
     bar.close()
     return results
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: Llama, prompts: Sequence[Sequence[int]], token_ids: Sequence[int], *,
+                        batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    """log p(t | prompt) of each token t in `token_ids` at the position after each prompt: (prompts, tokens).
+
+    What label decoding reads (evaluate.py --decode labels|threshold): one forward pass per prompt, no
+    generation. Prompts go in length order, `batch_size` at a time, end to end without padding (Packing);
+    each row's distribution is the full-vocabulary log-softmax at its last position, then the columns asked for.
+    """
+    device = next(model.parameters()).device
+    columns = torch.tensor(list(token_ids), device=device)
+    out = torch.empty(len(prompts), len(columns))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc="scoring labels", unit="rows")
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        lengths = [len(prompts[i]) for i in chosen]
+        ids = torch.tensor([t for i in chosen for t in prompts[i]], device=device)[None]         # (1, N)
+        hidden = model(ids, packing=Packing(lengths, device=device), return_hidden=True)[0]      # (N, hidden)
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1                              # (B,)
+        logits = model.lm_head(hidden[last]).float()                                           # (B, vocab)
+        out[chosen] = torch.log_softmax(logits, dim=-1)[:, columns].cpu()
+        if bar is not None:
+            bar.update(len(chosen))
+    if bar is not None:
+        bar.close()
+    return out

@@ -59,7 +59,7 @@ def test_sample_defaults_are_the_papers_training_data():
     assert {(r["split"], r["setting"]) for r in rows} == {("train", "IND_Diverse_Instruction")}
     assert 200 <= len(rows) <= 400
     assert list(rows[0]) == ["output", "input", "options", "task", "setting", "split", "few_shot_example",
-                             "instruction", "index"]
+                             "instruction", "index", "row"]
 
 
 def test_sample_has_every_task_in_every_split(sample_rows):
@@ -93,8 +93,10 @@ def test_parse_tasks_accepts_hub_names_old_spellings_and_abbreviations():
         "Attribute_Value_Extraction", "Product_Substitute_Identification", "Query_Product_Rank"]
     assert parse_tasks("Query_Product_Ranking,Product_Relation_Predicition") == [
         "Product_Relation_Prediction", "Query_Product_Rank"]
-    with pytest.raises(DataError, match=r"unknown task 'Foo'.*AVE \(Attribute_Value_Extraction\)"):
-        parse_tasks("AVE,Foo")
+    # any other name is a task of one's own, kept as written; custom names come after ECInstruct's, sorted
+    assert parse_tasks("my_task, AVE,Foo") == ["Attribute_Value_Extraction", "Foo", "my_task"]
+    with pytest.raises(DataError, match=r"task name 'a=b' is not usable"):
+        parse_tasks("AVE,a=b")
 
 
 def test_parse_settings():
@@ -206,7 +208,7 @@ def test_chat_template_wraps_the_alpaca_text():
     ({"options": 3}, "field 'options' must be a string or null, got int"),
     ({"input": None}, "field 'input' must be a string, got null"),
     ({"output": ["yes"]}, "field 'output' must be a string, got list"),
-    ({"task": "Price_Prediction"}, "field 'task' has unknown task 'Price_Prediction'; valid: Attribute_Value_Extraction"),
+    ({"task": " "}, "field 'task' has unknown task ' '; valid: Attribute_Value_Extraction"),
     ({"setting": "IND_Diverse"}, "field 'setting' has unknown setting 'IND_Diverse'; valid: IND_Diverse_Instruction"),
     ({"split": "dev"}, "field 'split' has unknown split 'dev'"),
 ])
@@ -288,9 +290,9 @@ def test_parquet_reads_and_unreadable_parquet(tmp_path):
 def test_missing_file_and_unsupported_type(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_rows(tmp_path / "absent.jsonl")
-    other = tmp_path / "rows.csv"
+    other = tmp_path / "rows.txt"
     other.write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
         load_rows(other)
 
 
@@ -355,4 +357,4 @@ def test_inspect_without_tokenizer(capsys):
     assert "Sentiment_Analysis" in out and "Sequential_Recommendation" in out and "characters" in out
     assert "### Response:\n[[" in out and "<EOS>]]" in out
     assert main(["--dataset", str(DEFAULT_SAMPLE), "--tasks", "nope"]) == 2
-    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert "no rows match split=train tasks=nope" in capsys.readouterr().err
