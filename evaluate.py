@@ -77,7 +77,8 @@ try:
     from metrics.custom import (DEFAULT_SPEC, check_gold, majority_answer, norm, parse_custom, parse_task_spec,
                                 score_custom)
     from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
-    from outdir import FolderLock, finish_pending, read_jsonl, replace_together, staging_folder, write_atomic
+    from outdir import (DiskFull, FolderLock, finish_pending, read_jsonl, replace_together, staging_folder,
+                        write_atomic)
     from tasks import ABBREV, abbrev, is_ecinstruct, task_name, task_order
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("evaluate.py", e)
@@ -90,6 +91,17 @@ IND, OOD = "IND_Diverse_Instruction", "OOD_Diverse_Instruction"
 MODES = ("paper", "strict")
 DECODINGS = ("greedy", "labels", "threshold")
 _MAX_NAMED = 5   # blocks named in an error message
+
+
+def json_safe(value):
+    """`value` with every non-finite float (a NaN or inf a predictions file may hold) as null: JSON has none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
 
 
 def setting_order(setting: str) -> tuple:
@@ -433,6 +445,21 @@ def label_decoding_plan(args, specs: dict, all_rows: list[dict] | None, tasks: s
 
 # ---- generation -----------------------------------------------------------------------------------
 
+def load_model_and_adapter(model: str | None, adapter: str | None = None, *, quant: str | None = None,
+                           dtype: str = "auto", device: str = "auto"):
+    """(model, tokenizer) as evaluate.py generates with them, for scripts that score a model their own way: the
+    adapter's base.json fills what is not given (model, quant, dtype), and the adapter is merged."""
+    args = argparse.Namespace(model=model, adapter=adapter, quant=quant, dtype=dtype, device=device)
+    if adapter:
+        from lora import read_adapter_config
+
+        read_adapter_config(adapter)
+        args.base_record = adapter_defaults(args, dtype=True)
+    else:
+        args.base_record, args.quant = None, quant or "none"
+    return load_for_generation(args)
+
+
 def load_for_generation(args):
     """(model, tokenizer): the base model, with the adapter applied and merged when one is given."""
     from model import load_model
@@ -725,7 +752,8 @@ def score(records: list[dict], *, qpr_labels, bertscorer, specs: dict | None = N
     for r in records:
         blocks[r["task"], r["setting"]].append(r)
     results: dict = {}
-    for (task, setting), block in sorted(blocks.items(), key=lambda kv: (task_order(kv[0][0]), setting_order(kv[0][1]))):
+    for (task, setting), block in sorted(blocks.items(),
+                                         key=lambda kv: (task_order(kv[0][0]), setting_order(kv[0][1]))):
         block.sort(key=lambda r: r["index"])
         if task not in ABBREV:
             results.setdefault(task, {})[setting] = score_custom_block(block, (specs or {}).get(task, DEFAULT_SPEC),
@@ -843,7 +871,8 @@ def render_results_md(args, results: dict, meta: dict) -> str:
                   "Each scored by its task spec (metrics/custom.py; answers compared trimmed, case-folded, white space "
                   "collapsed). paper: invalid answers (outside the spec's labels) left out of the label metrics; "
                   "strict: they count as wrong. majority: the most frequent gold answer, given to every row.", "",
-                  "| task | setting | metric | paper | strict | n | invalid | majority answer | majority (paper / strict) |",
+                  "| task | setting | metric | paper | strict | n | invalid | majority answer "
+                  "| majority (paper / strict) |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
         for task, by_setting in custom.items():
             for setting, m in by_setting.items():
@@ -995,7 +1024,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     with FolderLock(out, "evaluate.py", LOCK_NAME):   # one evaluate.py per --out; released however this ends
-        if finish_pending(out):
+        if finish_pending(out, OUTPUTS):
             print(f"note: completed the replacement of {out}'s outputs that an interrupted run had begun",
                   file=sys.stderr)
         return evaluate(args, argv)
@@ -1053,7 +1082,7 @@ def evaluate(args, argv) -> int:
               "truncated")
     with open(staged / "predictions.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
         for r in sorted(records, key=row_order):
-            f.write(json.dumps({k: r[k] for k in fields if k in r}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: json_safe(r[k]) for k in fields if k in r}, ensure_ascii=False) + "\n")
     bertscore = {"model": bertscorer.name, "layer": bertscorer.layer} if bertscorer else None
     meta = {"label": label, "command": command, "n_rows": len(records),
             "n_blocks": sum(len(s) for s in results.values()), "bertscore": bertscore, "skipped": skipped}
@@ -1063,7 +1092,8 @@ def evaluate(args, argv) -> int:
         "tasks": args.task_list, "settings": args.setting_list, "limit": args.limit,
         "task_spec": args.task_spec,
         "generation": None if args.predictions else {
-            "template": args.template, "greedy": args.decode == "greedy", "decode": args.decode, "label_decoding": args.decoding or None,
+            "template": args.template, "greedy": args.decode == "greedy", "decode": args.decode,
+            "label_decoding": args.decoding or None,
             "max_new_tokens": args.max_new,
             "max_new_tokens_by_task": args.max_new_by_task, "batch_size": args.batch_size, "cutoff": args.cutoff,
             "dtype": args.dtype, "device": args.device, "quant": args.quant, **args.generation},
@@ -1074,7 +1104,8 @@ def evaluate(args, argv) -> int:
         "seconds": round(time.time() - started, 1),
         "results": results,
     }
-    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+    (staged / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8",
                                          errors="backslashreplace")
     (staged / "results.md").write_text(render_results_md(args, results, meta), encoding="utf-8",
                                        errors="backslashreplace")
@@ -1093,6 +1124,9 @@ if __name__ == "__main__":
     sys.stderr.reconfigure(errors="backslashreplace")
     try:
         sys.exit(main())
+    except DiskFull as e:   # a failure during the run: one line, exit 1; what was there before is kept
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, OSError, RuntimeError) as e:   # DataError is a ValueError, FolderBusy a RuntimeError
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

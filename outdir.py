@@ -16,6 +16,12 @@ whole new set or the whole old one: the files are written to a staging folder fi
 naming them is written (the commit point), then each is renamed into place. A process killed
 during those renames leaves the journal, and the next `finish_pending` (called on the folder before
 anything else) completes them.
+
+The one rule for replacing and deleting (train.py, evaluate.py, export.py, predict.py): a script deletes or
+replaces only what its own marker, read by content (`read_marker`), says it wrote; a name read from a file
+inside a folder (a journal, a marker) must be a plain name in that folder (`plain_name`); a link is removed as
+a link and never followed out of the folder (`remove_path`; lock files and logs are opened with O_NOFOLLOW).
+A full disk is `DiskFull`: one line naming the file and the bytes it needed, the old file left as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +46,65 @@ class FolderBusy(RuntimeError):
     """Another live process holds the folder's lock."""
 
 
+class DiskFull(OSError):
+    """No space left (or quota) writing a file: the message names the file and the bytes it needed."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError of a full disk or quota, or the RuntimeError/SafetensorError text torch and safetensors give it."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "unexpected pos" in str(error)
+
+
+def disk_full(path: Path, needed: int | None) -> DiskFull:
+    """The DiskFull error for `path`: what it needed and what the device has free."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    need = f"needs {needed / 1e6:.1f} MB" if needed is not None else "could not be written whole"
+    has = f", {free / 1e6:.1f} MB free there" if free is not None else ""
+    return DiskFull(errno.ENOSPC, f"no space left on the device to write {path} (it {need}{has})")
+
+
+def plain_name(name, where: str) -> str:
+    """`name` when it is a plain file name inside a folder (no path separator, not '.', '..' or empty);
+    ValueError naming `where` otherwise (a name read from a file must not reach outside its folder)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{where}: {name!r} is not a plain file name inside the folder; refusing to act on it")
+    return name
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, a link (the link itself, never what it points to) or a folder tree (links inside it
+    removed as links); nothing when there is nothing."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def read_marker(path: Path, program: str) -> dict | None:
+    """The marker at `path` when it is one `program` wrote: a regular file (not a link) holding a JSON object
+    whose "written_by" is "slm-ec PROGRAM"; else None (a missing, linked, damaged or foreign file)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) and obj.get("written_by") == f"slm-ec {program}" else None
+
+
+def open_append(path: Path):
+    """A text file opened for appending without following a link at `path` (OSError ELOOP for a link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def fsync_dir(folder: Path) -> None:
     """fsync a folder (making renames and new names in it durable) or a file, opened read-only."""
     fd = os.open(folder, os.O_RDONLY)
@@ -61,22 +126,26 @@ def write_atomic(path: str | os.PathLike, content: bytes | str | Callable[[Path]
     the folder is fsynced, so the new name survives a crash. On any failure the temporary file is removed
     and `path` is as it was."""
     path = Path(path)
+    data = content.encode("utf-8", errors="backslashreplace") if isinstance(content, str) else content
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        if callable(content):
+        if callable(data):
             os.close(fd)
-            content(tmp)
+            data(tmp)
         else:
             with os.fdopen(fd, "wb") as f:
-                f.write(content.encode("utf-8", errors="backslashreplace") if isinstance(content, str) else content)
+                f.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it private; the file gets the usual mode
         fsync_dir(tmp)                  # (an fsync of the file, opened read-only)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.is_file() else None
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise disk_full(path, len(data) if isinstance(data, bytes) else written) from None
         raise
     fsync_dir(path.parent)
 
@@ -157,11 +226,16 @@ class FolderLock:
             self.created = True
         for _ in range(10):   # the lock file may be removed between our open and our lock: try again
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             except FileNotFoundError:   # the folder was removed by a run that failed just now
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self.created = True
                 continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:   # a link planted where the lock file goes: never write through it
+                    raise FolderBusy(f"{self.path} is a link, not a lock file; refusing to write through it "
+                                     "(remove the link, or pass another --out)") from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -225,8 +299,7 @@ class FolderLock:
 def staging_folder(folder: Path) -> Path:
     """An empty staging folder inside `folder` for files that replace_together will put in place."""
     staged = folder / STAGING
-    if staged.exists():
-        shutil.rmtree(staged)
+    remove_path(staged)
     staged.mkdir(parents=True)
     return staged
 
@@ -248,26 +321,46 @@ def replace_together(folder: Path, names: list[str], remove: tuple[str, ...] = (
     finish_pending(folder)
 
 
-def finish_pending(folder: Path) -> bool:
+def read_journal(path: Path, allowed: tuple[str, ...] | None) -> dict:
+    """The journal {"move": [names], "remove": [names]} at `path`, each name a plain name (and one of `allowed`
+    when given); ValueError naming the file otherwise."""
+    try:
+        journal = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a replacement journal (not JSON: {e}); delete it if no replacement is "
+                         "pending") from None
+    if not (isinstance(journal, dict) and isinstance(journal.get("move"), list)
+            and isinstance(journal.get("remove"), list)):
+        raise ValueError(f"{path}: not a replacement journal (expected {{\"move\": [names], \"remove\": [names]}})")
+    for name in journal["move"] + journal["remove"]:
+        plain_name(name, str(path))
+        if allowed is not None and name not in allowed:
+            raise ValueError(f"{path}: names {name!r}, which is not one of the files this folder's outputs are "
+                             f"({', '.join(allowed)}); refusing to act on it")
+    return journal
+
+
+def finish_pending(folder: Path, allowed: tuple[str, ...] | None = None) -> bool:
     """Complete a replace_together that a killed process left half done; drop an uncommitted staging
-    folder. True when there was something to complete."""
+    folder. True when there was something to complete. The journal's names must be plain names (and among
+    `allowed`, the outputs of the caller, when given): a journal planted to move or delete other files is
+    refused (ValueError)."""
     folder = Path(folder)
     journal_path = folder / JOURNAL
     staged = folder / STAGING
     for torn in folder.glob(f".{JOURNAL}.*.tmp"):   # a journal write_atomic never renamed into place
         torn.unlink(missing_ok=True)
     if not journal_path.is_file():
-        if staged.exists():
-            shutil.rmtree(staged)   # written but never committed: the old set stands
+        remove_path(staged)   # written but never committed: the old set stands
         return False
-    journal = json.loads(journal_path.read_text())
+    journal = read_journal(journal_path, allowed)
     for name in journal["move"]:
         if (staged / name).exists():
             os.replace(staged / name, folder / name)
     for name in journal["remove"]:
-        (folder / name).unlink(missing_ok=True)
+        remove_path(folder / name)
     fsync_dir(folder)
     journal_path.unlink()
-    shutil.rmtree(staged, ignore_errors=True)
+    remove_path(staged)
     fsync_dir(folder)
     return True

@@ -34,7 +34,7 @@ try:
     from data.ecinstruct import DATA_SUFFIXES, DataError, read_raw_records, read_rows, select_rows
     from evaluate import (add_generation_args, add_model_args, check_generation_args, generate_records,
                           label_decoding_plan, read_task_spec)
-    from outdir import FolderLock, write_atomic
+    from outdir import DiskFull, FolderLock, write_atomic
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("predict.py", e)
 
@@ -124,6 +124,9 @@ if __name__ == "__main__":
     sys.stderr.reconfigure(errors="backslashreplace")
     try:
         sys.exit(main())
+    except DiskFull as e:   # a failure during the run: one line, exit 1; what was there before is kept
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, OSError, RuntimeError) as e:   # DataError is a ValueError, FolderBusy a RuntimeError
         print(f"predict.py: error: {e}", file=sys.stderr)
         sys.exit(2)

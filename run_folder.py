@@ -32,18 +32,20 @@ checkpoints/diverged-step-NNNNNN, so --resume auto continues from the last good 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from outdir import FolderBusy, FolderLock, fsync_dir, fsync_tree, read_jsonl, write_atomic, write_json
+from outdir import (DiskFull, FolderBusy, FolderLock, disk_full, fsync_dir, fsync_tree, is_disk_full, open_append,
+                    read_jsonl, read_marker, remove_path, write_atomic, write_json)
 
 FORMAT = 1                      # checkpoint layout version (state.pt "format")
 # Flags that give a checkpoint its meaning: resuming with a different value is refused. So do the resolved
@@ -54,7 +56,7 @@ MUST_MATCH = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "dataset
 MAY_CHANGE = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_dropout",
               "micro_batch_tokens", "diverge_factor", "diverge_steps")
 RUN_FILES = ("config.json", "train_log.jsonl", "val_log.jsonl", "loss_curve.png", "checkpoints", "adapter", "best")
-RUN_MARKER = "train_run.json"   # written into every run folder; --overwrite needs it
+RUN_MARKER = "train_run.json"   # written into every run folder; --overwrite needs it (read by content: read_marker)
 LOCK_NAME = ".train.lock"       # flock-ed for the whole run
 
 
@@ -74,16 +76,15 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Put a complete folder `tmp` at `final`; an old `final` is removed only after the rename."""
+    """Put a complete folder `tmp` at `final`; an old `final` is removed only after the rename (a link at `final`
+    is removed as a link: what it points to is never touched)."""
     old = final.with_name(f".old-{final.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
+    remove_path(old)
+    if final.exists() or final.is_symlink():
         os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_path(old)
 
 
 def write_adapter_dir(model, final: Path, base_name: str | None, base: dict, extra: dict | None = None) -> None:
@@ -92,13 +93,32 @@ def write_adapter_dir(model, final: Path, base_name: str | None, base: dict, ext
     from lora import save_adapter
 
     tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapter(model, tmp, base_model_name_or_path=base_name, base=base)
-    for name, obj in (extra or {}).items():
-        write_json(tmp / name, obj)
-    fsync_tree(tmp)
+    remove_path(tmp)
+    with writing(tmp, adapter_bytes(model)):
+        save_adapter(model, tmp, base_model_name_or_path=base_name, base=base)
+        for name, obj in (extra or {}).items():
+            write_json(tmp / name, obj)
+        fsync_tree(tmp)
     replace_dir(tmp, final)
+
+
+def adapter_bytes(model) -> int:
+    """Bytes of the trainable tensors an adapter file holds (what a save needs on disk, roughly)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def writing(path: Path, needed: int | None):
+    """Turn a full disk while writing `path` (torch's and safetensors' own errors for it included) into DiskFull:
+    one line naming `path` and the bytes it needed. What was half written is the caller's to drop."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(path, needed) from None
+        raise
 
 
 def slow_save_hook(step: int) -> None:
@@ -169,10 +189,33 @@ def compare_configs(saved: dict, now: dict, where: str, say) -> None:
 def is_train_config(path: Path) -> bool:
     """A config.json that train.py wrote (a run from before run markers existed), not a model's."""
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        read_run_config(path)
+    except RunRefused:
         return False
-    return isinstance(cfg, dict) and isinstance(cfg.get("args"), dict) and "format" in cfg and "model_id" in cfg
+    return True
+
+
+def read_run_config(path: Path) -> dict:
+    """The run configuration train.py wrote at `path`; RunRefused naming the file when it is not one (damaged,
+    not JSON, or another program's config.json such as a model's)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise RunRefused(f"{path} is a link, not the run's configuration; refusing to follow it")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunRefused(f"{path} is damaged (not JSON: {e}); it is not a train.py run configuration, so the run "
+                         "there cannot be continued: pass another --out, or --overwrite to start again") from None
+    except OSError as e:
+        raise RunRefused(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(cfg, dict):
+        raise RunRefused(f"{path} is damaged (a JSON {type(cfg).__name__}, not an object); it is not a train.py run "
+                         "configuration, so the run there cannot be continued: pass another --out, or --overwrite to "
+                         "start again")
+    if not (isinstance(cfg.get("args"), dict) and "format" in cfg and "model_id" in cfg):
+        raise RunRefused(f"{path} is not a train.py run configuration (a model's config.json?); refusing to use or "
+                         "replace it: pass another --out")
+    return cfg
 
 
 # ---- the folder -----------------------------------------------------------------------------------
@@ -196,22 +239,31 @@ class RunFolder:
                 raise RunRefused(str(e)) from None
             except OSError as e:
                 raise RunRefused(f"--out {out}: cannot write there ({e.strerror or e})") from None
-        found = [p.name + ("/" if p.is_dir() else "") for p in self.leftovers()]
-        if found and not (out / RUN_MARKER).is_file():
+        marked = read_marker(out / RUN_MARKER, "train.py") is not None
+        has_config = (out / "config.json").exists() or (out / "config.json").is_symlink()
+        if has_config:   # a run's own configuration, read by content: a model's config.json is never a run's
+            try:
+                read_run_config(out / "config.json")
+            except RunRefused as e:   # a damaged one in a marked run folder is the run's own: --overwrite may go
+                if not (marked and overwrite and "is damaged" in str(e)):
+                    raise
+        foreign = self.foreign()
+        if foreign and not marked:
             legacy = is_train_config(out / "config.json")
             if not (legacy and resume):
                 raise RunRefused(
-                    f"{out} holds {', '.join(found)} but no {RUN_MARKER}, so train.py did not write it"
+                    f"{out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} but no {RUN_MARKER} "
+                    "of train.py, so train.py did not write it"
                     + (" (a run from before run markers: continue it with --resume auto, or delete it yourself)"
-                       if legacy else " (a model folder?): pass another --out; --overwrite deletes only folders "
-                                      "train.py wrote"))
-        holds_run = (out / "config.json").is_file() or bool(list_checkpoints(self.checkpoints))
+                       if legacy else " (a model or adapter folder?): pass another --out; train.py writes and "
+                                      "deletes only in folders it created"))
+        holds_run = has_config or bool(list_checkpoints(self.checkpoints))
         if holds_run and not resume and not overwrite:
             raise RunRefused(f"{out} already holds a run; pass --resume auto to continue it, --overwrite to start "
                              "again, or another --out")
         if resume == "auto":
-            if (out / "config.json").is_file():   # the flags now; the data once it is read (check_config)
-                compare_configs(json.loads((out / "config.json").read_text()), config, str(out), lambda *a: None)
+            if has_config:   # the flags now; the data once it is read (check_config)
+                compare_configs(read_run_config(out / "config.json"), config, str(out), lambda *a: None)
             return list_checkpoints(self.checkpoints)[::-1]
         if resume is None:
             return []
@@ -221,13 +273,20 @@ class RunFolder:
         if not found:
             raise RunRefused(f"--resume {resume}: no complete checkpoint there (a checkpoint folder holds state.pt "
                              "and adapter/)")
-        compare_configs(json.loads((found[0] / "config.json").read_text()), config, str(found[0]), say)
+        compare_configs(read_run_config(found[0] / "config.json"), config, str(found[0]), say)
         return found
 
     def check_config(self, config: dict, say) -> None:
         """With the data read: refuse continuing the run in the folder when its rows differ (RunRefused)."""
         if (self.out / "config.json").is_file():
-            compare_configs(json.loads((self.out / "config.json").read_text()), config, str(self.out), say)
+            compare_configs(read_run_config(self.out / "config.json"), config, str(self.out), say)
+
+    def foreign(self) -> list[str]:
+        """What the folder holds besides run files and the lock: names a run did not write (a model's, the user's)."""
+        if not self.out.is_dir():
+            return []
+        ours = {p.name for p in self.leftovers()} | {LOCK_NAME, RUN_MARKER}
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in self.out.iterdir() if p.name not in ours)
 
     def leftovers(self) -> list[Path]:
         """What a run writes into the folder: RUN_FILES and the temporary names it writes them under."""
@@ -246,12 +305,12 @@ class RunFolder:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             removed = []
-            for p in self.leftovers():
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            for p in self.leftovers():   # fixed names of run files only; a link among them goes as a link
+                remove_path(p)
                 removed.append(p.name)
             if removed:
                 say(f"--overwrite: removed {', '.join(removed)} from {out}")
-        if not (out / RUN_MARKER).is_file():
+        if read_marker(out / RUN_MARKER, "train.py") is None:
             write_json(out / RUN_MARKER, {
                 "written_by": "slm-ec train.py", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "run_files": list(RUN_FILES),
@@ -262,7 +321,7 @@ class RunFolder:
             kept = [r for r in self.read_log(name) if r.get("step", 0) <= resumed_at] if resumed_at is not None else []
             write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in kept))   # steps after it are redone
         for stale in self.checkpoints.glob(".tmp-step-*") if self.checkpoints.is_dir() else []:
-            shutil.rmtree(stale)
+            remove_path(stale)
 
     # ---- logs, adapters, checkpoints --------------------------------------------------------------------
 
@@ -272,8 +331,9 @@ class RunFolder:
 
     def log(self, name: str, record: dict) -> None:
         if self.rank == 0:
-            with open(self.out / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            with writing(self.out / name, len(line)), open_append(self.out / name) as f:   # a link: never followed
+                f.write(line)
 
     def save_adapter(self, name: str, model, base_name: str | None, base: dict, extra: dict | None = None) -> None:
         if self.rank == 0:
@@ -291,19 +351,22 @@ class RunFolder:
         good = [p for p in list_checkpoints(root) if int(p.name[5:]) < suspect_from] if suspect_from else []
         root.mkdir(parents=True, exist_ok=True)
         final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_adapter(model, tmp / "adapter", base_model_name_or_path=base_name, base=base)
-        slow_save_hook(step)
-        torch.save(train_state, tmp / "state.pt")
-        write_json(tmp / "trainer_state.json", {k: v for k, v in train_state.items() if k not in ("optimizer", "rng")})
-        write_json(tmp / "config.json", config)
-        fsync_tree(tmp)
+        remove_path(tmp)
+        state = io.BytesIO()
+        torch.save(train_state, state)   # in memory first: a full disk then fails one plain write, sized
+        with writing(tmp, adapter_bytes(model) + state.getbuffer().nbytes):
+            tmp.mkdir()
+            save_adapter(model, tmp / "adapter", base_model_name_or_path=base_name, base=base)
+            slow_save_hook(step)
+            write_atomic(tmp / "state.pt", state.getvalue())
+            write_json(tmp / "trainer_state.json",
+                       {k: v for k, v in train_state.items() if k not in ("optimizer", "rng")})
+            write_json(tmp / "config.json", config)
+            fsync_tree(tmp)
         replace_dir(tmp, final)
         for old in list_checkpoints(root)[:-keep_last]:  # only once the new one is complete
             if not good or old != good[-1]:
-                shutil.rmtree(old)
+                remove_path(old)
         return final
 
     def set_aside(self, from_step: int | None) -> tuple[Path | None, list[Path]]:
@@ -316,8 +379,7 @@ class RunFolder:
         moved = []
         for p in bad:
             target = p.with_name(f"diverged-{p.name}")
-            if target.exists():
-                shutil.rmtree(target)
+            remove_path(target)
             os.rename(p, target)
             moved.append(target)
         good = [p for p in saved if p not in bad]

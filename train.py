@@ -71,10 +71,12 @@ try:
 
     from data import (SETTINGS, DataError, pack, parse_settings, parse_tasks, plan_epoch, read_rows,
                       select_rows, tokenize_rows)
-    from data.ecinstruct import DATA_SUFFIXES, VAL_FRACTION, hold_out
+    from data.ecinstruct import DATA_SUFFIXES, VAL_FRACTION, describe_counts, hold_out, is_all
     from data.batching import padding_stats
     from model import PRESETS, Packing, count_parameters, load_model, load_tokenizer
-    from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, rng_state, set_rng_state
+    from model.cpu import release_free_memory, rss_gb
+    from outdir import DiskFull
+    from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, list_checkpoints, rng_state, set_rng_state
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("train.py", e)
 
@@ -305,6 +307,11 @@ def read_data(args, say) -> tuple[list[dict], list[dict]]:
         train_rows = chosen(all_rows, "train") + held_train
         if not train_rows:   # the error that says what the file holds
             select_rows(all_rows, split="train", tasks=args.tasks, settings=settings, source=args.dataset)
+        lacking = [t for t in ([] if is_all(args.tasks) else parse_tasks(args.tasks))
+                   if not any(r["task"] == t for r in train_rows)]
+        if lacking:
+            raise DataError(f"--tasks names {', '.join(lacking)}, which has no training rows in {args.dataset} "
+                            f"(it holds: {describe_counts(all_rows)})")
         val_rows = (chosen(all_rows, "val") + held_val) if args.val_size else []
         if args.val_size and not val_rows:
             say(f"note: {args.dataset} has no val rows for these tasks and setting: no validation loss, no best/")
@@ -664,8 +671,11 @@ class Trainer:
             p.best_val, p.best_step = loss, p.step
             self.folder.save_adapter("best", self.model, self.base_name, self.base,
                                      {"best.json": {"step": p.step, "val_loss": loss}})
+        release_free_memory()
         self.folder.log("val_log.jsonl", {"step": p.step, "epoch": round(p.step / d.steps_per_epoch, 4),
-                                          "val_loss": loss, "val_tokens": tokens, "best": improved})
+                                          "val_loss": loss, "val_tokens": tokens, "best": improved,
+                                          "rss_gb": round(rss_gb(), 3),
+                                          "peak_mem_gb": round(peak_memory_gb(self.device), 3)})
         return loss
 
     def stop_diverged(self, at_step: int, reason: str, suspect_from: int | None) -> None:
@@ -692,6 +702,7 @@ class Trainer:
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         try:
             for mb in micro[self.rank::self.world]:
+                n_tokens = sum(int(d.train.lengths[i]) for i in mb)   # for the out-of-memory line (ids may not exist)
                 ids, labels, packing = batches_of(d.train, mb, self.device)
                 loss = token_loss_sum(self.model, ids, labels, a.loss_chunk_tokens, packing) / n_sup
                 if a.debug_nan_at_step is not None and p.step + 1 == a.debug_nan_at_step:
@@ -699,7 +710,7 @@ class Trainer:
                 loss.backward()
                 step_loss += loss.detach()
         except torch.OutOfMemoryError:
-            fail(f"out of memory at step {p.step + 1} (micro-batch of {len(mb)} rows, {ids.shape[1]} tokens): "
+            fail(f"out of memory at step {p.step + 1} (micro-batch of {len(mb)} rows, {n_tokens} tokens): "
                  f"lower --micro-batch-tokens (now {a.micro_batch_tokens})"
                  + ("" if self.model.gradient_checkpointing else ", or pass --gradient-checkpointing on")
                  + f", or lower --cutoff (now {a.cutoff}); the last checkpoint is kept. "
@@ -742,7 +753,10 @@ class Trainer:
         from tqdm import tqdm
 
         a, d, p = self.args, self.data, self.progress
-        if p.step >= d.total_steps:
+        if p.step > d.total_steps:
+            self.say(f"the run in {self.folder.out} is already at step {p.step}, past the {d.total_steps} steps these "
+                     "flags ask for (--max-steps/--epochs): nothing to do; its later steps are kept")
+        elif p.step == d.total_steps:
             self.say(f"the run in {self.folder.out} is already complete ({p.step} steps)")
         elif not resumed and (v := self.validate()) is not None:
             self.say(f"step 0: val loss {v:.4f}")
@@ -772,6 +786,7 @@ class Trainer:
                 start, tokens, steps = self.session
                 self.session = (start, tokens + record["tokens"], steps + 1)
                 self.report(record, len(plan), bar)
+                release_free_memory()   # what this step freed goes back to the OS: RSS stays flat (model/cpu.py)
                 if epoch_end or p.step == d.total_steps or (a.eval_every and p.step % a.eval_every == 0):
                     if (v := self.validate()) is not None and self.rank == 0:
                         tqdm.write(f"step {p.step}: val loss {v:.4f} (best {p.best_val:.4f} at step {p.best_step})")
@@ -803,7 +818,7 @@ class Trainer:
         self.folder.log("train_log.jsonl", {
             "step": p.step, "epoch": round(p.epoch + p.pos / steps_in_epoch, 4),
             **{k: record[k] for k in ("loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s")},
-            "peak_mem_gb": round(mem, 3), "time": round(p.elapsed, 3)})
+            "peak_mem_gb": round(mem, 3), "rss_gb": round(rss_gb(), 3), "time": round(p.elapsed, 3)})
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                         mem=f"{mem:.1f}GB", refresh=False)
         bar.update(1)
@@ -986,6 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
                 else f"writing to {folder.out}")
             trainer.train(resumed=resumed is not None)
             trainer.finish(t_start)
+        except DiskFull as e:   # one line; what was written before stays, the next run resumes from it
+            last = list_checkpoints(folder.checkpoints)
+            fail(f"{e}. Stopped; " + (f"the last complete checkpoint is {last[-1]}: free some space and run the same "
+                                      "command with --resume auto to continue exactly from it" if last else
+                                      "no checkpoint was written yet: free some space and start again"), 1)
         except BaseException as e:
             if peers is not None:
                 peers.failed(e)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from data import load_rows, render_prompt
 from data.encode import encode_prompt
 from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from model import generate, load_model
+from model.cpu import cpu_name
 from model.gguf import packaged_smollm2
 
 
@@ -287,16 +287,6 @@ def main(argv=None) -> int:
     (out / "report.md").write_text(report)
     print(report)
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ half-written export under the path. A merged weight that is not finite is refuse
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 
 from model.config import read_json_object
-from outdir import fsync_dir, fsync_tree, write_atomic
+from outdir import (DiskFull, disk_full, fsync_dir, fsync_tree, is_disk_full, read_marker, remove_path,
+                    write_atomic)
 from model.gguf import NonFiniteError
 
 from .apply import HEAD, apply_lora, lora_layers, resolve_targets
@@ -362,28 +363,65 @@ def merged_export_state(model: nn.Module):
     return dataclasses.replace(config, tie_word_embeddings=tied and not untie), state
 
 
-def check_export_path(path, *, folder: bool, overwrite: bool) -> Path:
-    """The export target, refused when it exists (unless overwrite), is of the other kind (a file for a
-    folder export or the reverse), or is a non-empty folder without config.json (not a model export)."""
+EXPORT_MARKER = "slm_ec_export.json"   # in every hub-layout export: what export.py wrote there
+GGUF_MAGIC = b"GGUF"
+
+
+def check_export_path(path, *, folder: bool, overwrite: bool, clean: bool = True) -> Path:
+    """The export target, refused when it exists (unless overwrite), is a link, is of the other kind (a file for
+    a folder export or the reverse), or is not an export of ours: a folder is replaced only when its
+    EXPORT_MARKER, read by content, says export.py wrote it and it holds nothing else than the files the marker
+    lists (a training run, a model download or a folder with the user's files is never replaced); a file only
+    when it is a GGUF file. With `clean`, stale temporary siblings of a killed export of `path` are removed first."""
     path = Path(path)
+    if clean:
+        remove_stale_exports(path)
     if not path.exists() and not path.is_symlink():
         return path
     if not overwrite:
         raise FileExistsError(f"{path} already exists")
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a link: not replacing it (or what it points to)")
     if folder and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder: a hub-layout export is a folder")
     if not folder and path.is_dir():
         raise FileExistsError(f"{path} is a folder: a GGUF export is one file")
-    if folder and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise FileExistsError(f"{path} is a folder without config.json: not replacing what is not a model export")
+    if folder:
+        marker = read_marker(path / EXPORT_MARKER, "export.py")
+        if marker is None:
+            raise FileExistsError(f"{path} holds no {EXPORT_MARKER} of export.py, so export.py did not write it "
+                                  "(a training run, a model or your files?): not replacing it; name another --out")
+        listed = set(marker.get("files") or ()) | {EXPORT_MARKER}
+        other = sorted(p.name for p in path.iterdir() if p.name not in listed)
+        if other:
+            raise FileExistsError(f"{path} also holds {', '.join(other[:5])}, which export.py did not write: not "
+                                  "replacing it; move them out or name another --out")
+    else:
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise FileExistsError(f"{path} is not a GGUF file: not replacing it; name another --out")
     return path
 
 
-def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
+def remove_stale_exports(path: Path) -> None:
+    """Remove what a killed export of `path` left beside it: .NAME.*.tmp (an unfinished export) and .NAME.*.old
+    (the previous export, moved aside just before the rename), the latter only when it is an export of ours."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        remove_path(stale)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.old"):
+        if stale.is_symlink() or not stale.is_dir() or read_marker(stale / EXPORT_MARKER, "export.py") is not None \
+                or not any(stale.iterdir()):
+            remove_path(stale)
+
+
+def _publish(path, write, *, folder: bool, overwrite: bool, needed: int | None = None) -> None:
     """write(tmp) into a temporary sibling of `path`, fsync it, rename it to `path`, fsync the parent.
 
     `path` only ever holds a complete export: a failure or a crash leaves it as it was (the temporary
-    sibling is removed on failure). An existing `path` is replaced only with overwrite=True.
+    sibling is removed on failure). An existing `path` is replaced only with overwrite=True. A full disk is
+    DiskFull naming `path` and `needed`, the bytes the export needs.
     """
     path = check_export_path(path, folder=folder, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,23 +438,22 @@ def _publish(path, write, *, folder: bool, overwrite: bool) -> None:
         os.umask(umask)
         os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make them private
         fsync_tree(tmp) if folder else fsync_dir(tmp)
-        check_export_path(path, folder=folder, overwrite=overwrite)  # it may have appeared meanwhile
+        check_export_path(path, folder=folder, overwrite=overwrite, clean=False)  # it may have appeared meanwhile
         if folder and path.exists():  # a folder is renamed only over an empty one: move the old one aside
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        remove_path(tmp)
         if old is not None and not path.exists():
             os.replace(old, path)                     # the previous export, back in place
         elif old is not None:
-            shutil.rmtree(old, ignore_errors=True)    # the placeholder the previous export never moved into
+            remove_path(old)                          # the placeholder the previous export never moved into
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise disk_full(path, needed) from None
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     fsync_dir(path.parent)
 
 
@@ -455,8 +492,13 @@ def export_merged(model: nn.Module, tokenizer, path, *, dtype: torch.dtype = tor
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / EXPORT_MARKER).write_text(json.dumps({
+            "written_by": "slm-ec export.py", "files": files,
+            "note": "export.py --overwrite replaces this folder only while it holds these files and no others"},
+            indent=2) + "\n")
 
-    _publish(path, write, folder=True, overwrite=overwrite)
+    _publish(path, write, folder=True, overwrite=overwrite, needed=tensor_bytes(state))
 
 
 @torch.no_grad()
@@ -475,5 +517,10 @@ def export_gguf(model: nn.Module, tokenizer, path, *, quant: str = "f16", name: 
         raise ValueError("a GGUF file carries its tokenizer: pass the model's tokenizer")
     check_export_path(path, folder=False, overwrite=overwrite)
     config, state = merged_export_state(model)
+    scale = {"f32": 1.0, "f16": 0.5, "q8_0": 34 / 128}[quant]   # bytes per float32 byte (Q8_0: 34 bytes a block of 32)
     _publish(path, lambda tmp: write_gguf(tmp, config, state, tokenizer, quant=quant, name=name),
-             folder=False, overwrite=overwrite)
+             folder=False, overwrite=overwrite, needed=int(tensor_bytes(state) * scale))
+
+
+def tensor_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())

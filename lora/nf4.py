@@ -20,7 +20,8 @@ that path off (`support_avx512bf16_for_cpu = False`), so an NF4 layer computes t
 training and evaluation, on every CPU, and its weight keeps the standard NF4 layout.
 
 bitsandbytes is imported lazily: `is_nf4` never imports it (no module can be a `Linear4bit` before
-bitsandbytes has been imported), so `import lora` stays light.
+bitsandbytes has been imported), so `import lora` stays light. It is imported through `import_bitsandbytes`,
+which keeps bitsandbytes from loading code from the hub (see there).
 """
 
 from __future__ import annotations
@@ -33,6 +34,38 @@ import torch.nn as nn
 BLOCKSIZE = 64  # weights per absmax (bitsandbytes' default for 4-bit; QLoRA's value)
 
 
+KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"   # bitsandbytes' line when it gets no hub kernel
+
+
+def import_bitsandbytes():
+    """The bitsandbytes module, imported so that it loads no code from the hub and says nothing about it.
+
+    On a CPU with AVX512-BF16, bitsandbytes' CPU backend calls, at import, the `kernels` package's
+    get_kernel("kernels-community/quantization-bitsandbytes"): code downloaded from the hub (stopped today
+    only by that package's trust check), and logs a warning line when it fails, as it does without `kernels`.
+    slm-ec loads no remote code: during the import `kernels` is hidden (a None entry in sys.modules makes
+    `from kernels import ...` an ImportError), and the warning is dropped. Nothing is lost: that kernel serves
+    only the eval-mode repacking path that quantize_nf4 turns off, bitsandbytes' own kernels do the rest.
+    """
+    import logging
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(KERNEL_WARNING))
+    missing = object()
+    saved = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None
+    try:
+        import bitsandbytes
+    finally:
+        if saved is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved
+    return bitsandbytes
+
+
 def is_nf4(module: nn.Module) -> bool:
     """True for a bitsandbytes `Linear4bit` (without importing bitsandbytes)."""
     bnb = sys.modules.get("bitsandbytes")
@@ -42,7 +75,7 @@ def is_nf4(module: nn.Module) -> bool:
 def check_quantizable(linears: list[nn.Linear]) -> None:
     """Raise ValueError (or ImportError without bitsandbytes) unless every layer can be quantized to NF4
     here; apply_lora calls it for all its layers before it changes any."""
-    import bitsandbytes  # noqa: F401  (a missing package is found before any layer changes)
+    import_bitsandbytes()  # a missing package is found before any layer changes
 
     for linear in linears:
         weight = linear.weight
@@ -65,8 +98,7 @@ def quantize_nf4(linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16)
     The weight is quantized on the device it lives on; the dense weight is released once the
     caller drops `linear` (or sets `linear.weight = None`). The bias (if any) is kept as a frozen full-precision Parameter.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     check_quantizable([linear])
     weight = linear.weight
     # Built on meta so that no dense random weight is allocated and then thrown away.
@@ -85,8 +117,7 @@ def quantize_nf4(linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16)
 @torch.no_grad()
 def dequantize_nf4(module: nn.Module) -> torch.Tensor:
     """The dense (out, in) weight a `Linear4bit` multiplies by, in the dtype it was quantized from."""
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     weight = module.weight
     state = weight.quant_state
     if state is None:

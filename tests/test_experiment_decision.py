@@ -61,3 +61,29 @@ def test_class_tokens_refuses_classes_sharing_a_first_token():
     rows = [{"task": "Product_Relation_Prediction", "output": "A"}, {"task": "Product_Relation_Prediction", "output": "AB"}]
     with pytest.raises(ValueError, match="Product_Relation_Prediction: two classes share a first answer token"):
         decision.class_tokens(FirstCharTokenizer(), rows)
+
+
+def test_decision_runs_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
+    """A smoke test of the script as run.sh calls it (it once crashed at HEAD on evaluate.py's loader): a tiny run's
+    adapter, the sample's rows of the first-token tasks, the table written."""
+    import json
+
+    import train
+
+    work = tmp_path / "work"
+    work.mkdir()
+    keep = ("Product_Matching", "Product_Relation_Prediction", "Product_Substitute_Identification")
+    rows = [r for r in read_rows(SAMPLE) if r["task"] in keep]
+    rows += [dict(r, split="test") for r in rows[:12]]
+    with open(work / "rows.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if k not in ("index", "row")}) + "\n")
+    run = tmp_path / "run"
+    assert train.main(["--model", str(tiny_dir), "--dataset", str(work / "rows.jsonl"), "--tasks", ",".join(keep),
+                       "--quant", "none", "--max-steps", "1", "--batch-size", "4", "--val-size", "0",
+                       "--cache-dir", "", "--no-progress", "--out", str(run)]) == 0
+    out = tmp_path / "decision.md"
+    decision.main(["--work", str(work), "--adapter", str(run / "adapter"), "--model", str(tiny_dir),
+                   "--out", str(out)])
+    table = out.read_text()
+    assert "| PM | IND_Diverse |" in table and "AUC" in table

@@ -132,7 +132,7 @@ def test_overwrite_refuses_a_model_folder(tiny_dir, rows_file, tmp_path, capsys)
     for extra in (["--overwrite"], []):
         code, err = run_error(base_args(tiny_dir, rows_file, folder, "--max-steps", "1", *extra), capsys)
         line = one_line(err)
-        assert code == 2 and f"{folder} holds adapter/, config.json but no train_run.json" in line, line
+        assert code == 2 and f"{folder / 'config.json'} is not a train.py run configuration (a model's" in line, line
     assert (folder / "config.json").read_bytes() == before and (folder / "adapter" / "adapter_config.json").is_file()
     assert sorted(p.name for p in folder.iterdir()) == ["adapter", "config.json", "model.safetensors",
                                                         "tokenizer.json", "tokenizer_config.json"]

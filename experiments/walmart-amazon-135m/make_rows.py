@@ -86,8 +86,9 @@ def make_rows(src: Path, negatives_per_match: int | None = None) -> list[dict]:
             dropped = set(negatives) - set(random.Random(0).sample(negatives, n_keep))
             pairs = [pair for i, pair in enumerate(pairs) if i not in dropped]
         for left, right, label in pairs:
-            rows.append({"instruction": INSTRUCTION, "input": describe("Walmart", left) + "\n" + describe("Amazon", right),
-                         "output": "yes" if label else "no", "task": TASK, "split": split})
+            text = describe("Walmart", left) + "\n" + describe("Amazon", right)
+            rows.append({"instruction": INSTRUCTION, "input": text, "output": "yes" if label else "no", "task": TASK,
+                         "split": split})
     return rows
 
 
