@@ -4,7 +4,8 @@
 - devices: auto | cpu | cuda | cuda:N; auto is cuda when one is available.
 - an adapter's base: the adapter folder's base.json (lora.io) gives the defaults of --model, --quant and
   --dtype; a flag that says otherwise wins, with one warning line naming the difference.
-- a run-time package missing (the system python instead of .venv/bin/python): one line, not a traceback.
+- a run-time package missing (the system python instead of .venv/bin/python): one line, not a traceback;
+- a script's end (run_script): a full disk exit 1, bad input or a refusal exit 2, each one line.
 
 Imports nothing beyond the standard library at module level (it must load where torch is missing).
 """
@@ -150,3 +151,22 @@ def missing_package(prog: str, error: ModuleNotFoundError) -> None:
           f".venv/bin/python {prog} (bash setup.sh creates .venv), or pip install -r requirements.txt",
           file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_script(prog: str, main) -> None:
+    """A script's __main__ block: exit with main()'s code; one line on stderr instead of a traceback for a full disk
+    (outdir.DiskFull, a failure during the run: exit 1, what was written before is kept) and for bad input or a
+    refusal (ValueError, OSError, RuntimeError: exit 2). Text that cannot be encoded is printed escaped."""
+    from outdir import DiskFull
+
+    sys.stdout.reconfigure(errors="backslashreplace")
+    sys.stderr.reconfigure(errors="backslashreplace")
+    try:
+        code = main()
+    except DiskFull as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 1
+    except (ValueError, OSError, RuntimeError) as e:   # DataError, NonFiniteError: ValueError; FolderBusy: Runtime
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -67,7 +67,8 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cli import adapter_defaults, check_fingerprint, dtype_type, missing_package, resolve_device, resolve_dtype
+from cli import (adapter_defaults, check_fingerprint, dtype_type, missing_package, resolve_device, resolve_dtype,
+                 run_script)
 
 try:
     from data import SETTINGS, parse_settings, parse_split, parse_tasks, read_rows, render_prompt, select_rows
@@ -77,8 +78,7 @@ try:
     from metrics.custom import (DEFAULT_SPEC, check_gold, majority_answer, norm, parse_custom, parse_task_spec,
                                 score_custom)
     from metrics.paper_tables import IND_TASKS, OOD_TASKS, PAPER_BERTSCORE, PAPER_IND, PAPER_NOTES, PAPER_OOD
-    from outdir import (DiskFull, FolderLock, finish_pending, read_jsonl, replace_together, staging_folder,
-                        write_atomic)
+    from outdir import FolderLock, finish_pending, read_jsonl, replace_together, staging_folder, write_atomic
     from tasks import ABBREV, abbrev, is_ecinstruct, task_name, task_order
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("evaluate.py", e)
@@ -1120,13 +1120,4 @@ def evaluate(args, argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")   # text that cannot be encoded is shown escaped
-    sys.stderr.reconfigure(errors="backslashreplace")
-    try:
-        sys.exit(main())
-    except DiskFull as e:   # a failure during the run: one line, exit 1; what was there before is kept
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, OSError, RuntimeError) as e:   # DataError is a ValueError, FolderBusy a RuntimeError
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script("evaluate.py", main)

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from outdir import DiskFull
+from cli import run_script
 
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 
@@ -124,11 +124,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DiskFull as e:   # a failure during the run: one line, exit 1; what was there before is kept
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, OSError, RuntimeError) as e:   # NonFiniteError is a ValueError, FileExistsError an OSError
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script("export.py", main)

@@ -49,6 +49,9 @@ class FolderBusy(RuntimeError):
 class DiskFull(OSError):
     """No space left (or quota) writing a file: the message names the file and the bytes it needed."""
 
+    def __str__(self) -> str:
+        return self.strerror   # the sentence alone, without "[Errno 28]"
+
 
 def is_disk_full(error: BaseException) -> bool:
     """An OSError of a full disk or quota, or the RuntimeError/SafetensorError text torch and safetensors give it."""
@@ -63,8 +66,9 @@ def disk_full(path: Path, needed: int | None) -> DiskFull:
         free = shutil.disk_usage(Path(path).parent).free
     except OSError:
         free = None
-    need = f"needs {needed / 1e6:.1f} MB" if needed is not None else "could not be written whole"
-    has = f", {free / 1e6:.1f} MB free there" if free is not None else ""
+    size = lambda n: f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    need = f"needs {size(needed)}" if needed is not None else "could not be written whole"
+    has = f", {size(free)} free there" if free is not None else ""
     return DiskFull(errno.ENOSPC, f"no space left on the device to write {path} (it {need}{has})")
 
 

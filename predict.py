@@ -28,13 +28,13 @@ import json
 import sys
 from pathlib import Path
 
-from cli import adapter_defaults, missing_package
+from cli import adapter_defaults, missing_package, run_script
 
 try:
     from data.ecinstruct import DATA_SUFFIXES, DataError, read_raw_records, read_rows, select_rows
     from evaluate import (add_generation_args, add_model_args, check_generation_args, generate_records,
                           label_decoding_plan, read_task_spec)
-    from outdir import DiskFull, FolderLock, write_atomic
+    from outdir import FolderLock, write_atomic
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("predict.py", e)
 
@@ -120,13 +120,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")
-    sys.stderr.reconfigure(errors="backslashreplace")
-    try:
-        sys.exit(main())
-    except DiskFull as e:   # a failure during the run: one line, exit 1; what was there before is kept
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, OSError, RuntimeError) as e:   # DataError is a ValueError, FolderBusy a RuntimeError
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script("predict.py", main)

@@ -276,10 +276,12 @@ class RunFolder:
         compare_configs(read_run_config(found[0] / "config.json"), config, str(found[0]), say)
         return found
 
-    def check_config(self, config: dict, say) -> None:
-        """With the data read: refuse continuing the run in the folder when its rows differ (RunRefused)."""
-        if (self.out / "config.json").is_file():
-            compare_configs(read_run_config(self.out / "config.json"), config, str(self.out), say)
+    def check_config(self, config: dict, say, checkpoint: Path | None = None) -> None:
+        """With the data read: refuse continuing the run in the folder (or from `checkpoint`, --resume PATH) when
+        its rows differ (RunRefused)."""
+        source = checkpoint if checkpoint is not None else self.out
+        if (source / "config.json").is_file():
+            compare_configs(read_run_config(source / "config.json"), config, str(source), say)
 
     def foreign(self) -> list[str]:
         """What the folder holds besides run files and the lock: names a run did not write (a model's, the user's)."""

@@ -671,7 +671,7 @@ class Trainer:
             p.best_val, p.best_step = loss, p.step
             self.folder.save_adapter("best", self.model, self.base_name, self.base,
                                      {"best.json": {"step": p.step, "val_loss": loss}})
-        release_free_memory()
+        release_free_memory()   # what validation (and the step before it) freed goes back to the OS (model/cpu.py)
         self.folder.log("val_log.jsonl", {"step": p.step, "epoch": round(p.step / d.steps_per_epoch, 4),
                                           "val_loss": loss, "val_tokens": tokens, "best": improved,
                                           "rss_gb": round(rss_gb(), 3),
@@ -786,7 +786,6 @@ class Trainer:
                 start, tokens, steps = self.session
                 self.session = (start, tokens + record["tokens"], steps + 1)
                 self.report(record, len(plan), bar)
-                release_free_memory()   # what this step freed goes back to the OS: RSS stays flat (model/cpu.py)
                 if epoch_end or p.step == d.total_steps or (a.eval_every and p.step % a.eval_every == 0):
                     if (v := self.validate()) is not None and self.rank == 0:
                         tqdm.write(f"step {p.step}: val loss {v:.4f} (best {p.best_val:.4f} at step {p.best_step})")
@@ -987,9 +986,12 @@ def main(argv: list[str] | None = None) -> int:
                           tokenizer_fingerprint=tokenizer.fingerprint[:16], train_rows=len(data.train),
                           val_rows=len(data.val) if data.val is not None else 0, steps_per_epoch=data.steps_per_epoch,
                           total_steps=data.total_steps, warmup_steps=data.warmup)
-            if args.resume == "auto":
+            if args.resume:   # the same flags over other rows is another run (--resume auto and --resume PATH alike)
                 try:
-                    folder.check_config(config, say)           # the same flags over other rows is another run
+                    if args.resume == "auto":
+                        folder.check_config(config, say)
+                    elif resume_from:   # claim() already said what changed in the flags
+                        folder.check_config(config, lambda *a, **k: None, resume_from[0])
                 except RunRefused as e:
                     fail(str(e), 2)
             trainer = build_trainer(args, model, tokenizer, data, folder, config, dtype, device, rank, world, say)

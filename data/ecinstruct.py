@@ -151,7 +151,7 @@ def _type_name(value) -> str:
 
 def check_row(row, *, need_output: bool = True) -> str | None:
     """None when `row` is a valid row (ECInstruct's, or of a custom task), else the first problem as
-    'field ...' text. need_output=False: a custom-task row may lack its output (rows to predict)."""
+    'field ...' text. need_output=False: a row may lack its output (rows to predict, predict.py)."""
     if not isinstance(row, dict):
         return f"row must be a JSON object, got {_type_name(row)}"
     task = row.get("task")

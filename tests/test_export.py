@@ -336,7 +336,7 @@ def test_overwrite_refuses_what_is_not_an_export(bases, tmp_path, capsys):
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     code, msg = run_error(["--model", bases["tied"], "--format", "hf", "--out", other, "--overwrite"], capsys)
-    assert code == 2 and "without config.json" in msg
+    assert code == 2 and "holds no slm_ec_export.json of export.py" in msg
     folder = tmp_path / "x.gguf"
     folder.mkdir()
     code, msg = run_error(["--model", bases["tied"], "--format", "gguf", "--out", folder, "--overwrite"], capsys)

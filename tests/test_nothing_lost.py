@@ -29,7 +29,7 @@ from data import DEFAULT_SAMPLE
 from outdir import DiskFull, FolderBusy, FolderLock, finish_pending, replace_together, staging_folder
 from run_folder import list_checkpoints
 from test_robustness import one_line, rows_file  # noqa: F401  (rows_file: a module-scoped fixture)
-from test_train import adapter_tensors, base_args, losses, run_error
+from test_train import adapter_tensors, base_args, losses, run_error, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 IND = "IND_Diverse_Instruction"
@@ -175,7 +175,7 @@ def test_5_a_full_disk_during_training_is_one_line_and_resumes_exactly(tiny_dir,
         code, err = run_error(base_args(tiny_dir, rows_file, out, *flags), capsys)
         monkeypatch.undo()
         line = one_line(err)
-        assert code == 1 and "no space left on the device to write" in line and "MB free there" in line, line
+        assert code == 1 and "no space left on the device to write" in line and " free there" in line, line
         assert "--resume auto" in line or "start again" in line
         extra = ["--resume", "auto"] if list_checkpoints(out / "checkpoints") or (out / "config.json").exists() else []
         assert train.main(base_args(tiny_dir, rows_file, out, *flags, *extra)) == 0, fail_at
@@ -218,7 +218,7 @@ def test_6_a_full_disk_during_export_names_the_file_and_keeps_the_old_export(tin
         def full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(model.gguf, "write_gguf", full)
-    with pytest.raises(DiskFull, match=rf"to write {out} \(it needs [0-9.]+ MB"):
+    with pytest.raises(DiskFull, match=rf"to write {out} \(it needs [0-9.]+ [kM]B"):
         export.main(args + ["--overwrite"])
     assert (snapshot(out) if fmt == "hf" else out.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]   # no temporary sibling left
@@ -345,3 +345,15 @@ def test_bitsandbytes_is_imported_without_the_hub_kernel_lookup():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "calls 0"
     assert "gemm_4bit_forward" not in proc.stderr and "kernels" not in proc.stderr
+
+
+def test_resume_path_checks_the_data_too(tiny_dir, tmp_path, capsys):
+    """--resume PATH used to skip the data fingerprint check that --resume auto makes: the same file name over
+    other rows is another run."""
+    rows = write_rows(tmp_path / "rows.jsonl")
+    assert train.main(base_args(tiny_dir, rows, tmp_path / "a", "--max-steps", "2", "--save-every", "1")) == 0
+    write_rows(rows, seed=9)
+    step = list_checkpoints(tmp_path / "a" / "checkpoints")[0]
+    code, err = run_error(base_args(tiny_dir, rows, tmp_path / "b", "--max-steps", "2", "--save-every", "1",
+                                    "--resume", str(step)), capsys)
+    assert code == 2 and "data (the tokenized training rows differ)" in one_line(err)
