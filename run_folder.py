@@ -9,8 +9,10 @@ folder: never a model folder's config.json.
   train_run.json           the marker: this folder is a train.py run; lists the names a run writes
   config.json              the resolved configuration (a resumed run must match it, see MUST_MATCH)
   train_log.jsonl          one JSON object per optimizer step: step, epoch, loss, lr, grad_norm,
-                           tokens, supervised_tokens, tokens_per_s, peak_mem_gb, time
-  val_log.jsonl            one JSON object per validation: step, epoch, val_loss, val_tokens, best
+                           tokens, supervised_tokens, tokens_per_s, peak_mem_gb (the peak RSS on a CPU),
+                           rss_gb (the RSS now), time
+  val_log.jsonl            one JSON object per validation: step, epoch, val_loss, val_tokens, best, rss_gb (after
+                           the memory freed is handed back), peak_mem_gb
   checkpoints/step-NNNNNN/ adapter/ (PEFT format), state.pt (optimizer, schedule, RNG, data position;
                            loads with torch.load(weights_only=True)), trainer_state.json, config.json.
                            Written to checkpoints/.tmp-step-NNNNNN and renamed when complete; the last
