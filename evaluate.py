@@ -72,7 +72,7 @@ from cli import (adapter_defaults, check_fingerprint, dtype_type, missing_packag
 
 try:
     from data import SETTINGS, parse_settings, parse_split, parse_tasks, read_rows, render_prompt, select_rows
-    from data.ecinstruct import DataError, lone_surrogate, row_filter
+    from data.ecinstruct import lone_surrogate, row_filter
     from data.encode import encode_prompt
     from metrics import evaluate_task, parse_output
     from metrics.custom import (DEFAULT_SPEC, check_gold, majority_answer, norm, parse_custom, parse_task_spec,
@@ -816,8 +816,8 @@ def comparison_table(title: str, published: list, columns: tuple[str, ...], run_
              "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
     for model, source, values in published:
         cells = []
-        for abbrev, value in zip(columns, values):
-            note = next((n for (prefix, a), n in PAPER_NOTES.items() if model.startswith(prefix) and a == abbrev), None)
+        for column, value in zip(columns, values):
+            note = next((n for (prefix, a), n in PAPER_NOTES.items() if model.startswith(prefix) and a == column), None)
             mark = ""
             if note is not None:
                 if note not in notes:
@@ -951,11 +951,11 @@ def plot_results(results: dict, label: str, path: Path, ag_proxy: str | None = N
             xs = [i + (k - len(rows) / 2 + 0.5) * width for i in range(len(columns))]
             bars = ax.bar(xs, [math.nan if v is None else v for v in values], width,
                           color="black" if mine else colors[k])
-            for bar, abbrev_ in zip(bars, columns):   # footnoted published cells (e.g. the study's AVE) hatched
-                if any(model.startswith(prefix) and a == abbrev_ for prefix, a in PAPER_NOTES):
+            for bar, column in zip(bars, columns):   # footnoted published cells (e.g. the study's AVE) hatched
+                if any(model.startswith(prefix) and a == column for prefix, a in PAPER_NOTES):
                     bar.set_hatch("//")
                     bar.set_edgecolor("white")
-                elif mine and ag_proxy and abbrev_ == "AG":   # a stand-in encoder's F_BERT: not the published scale
+                elif mine and ag_proxy and column == "AG":   # a stand-in encoder's F_BERT: not the published scale
                     bar.set_hatch("xx")
                     bar.set_edgecolor("white")
         ax.set_xticks(range(len(columns)), [f"{c}†" if ag_proxy and c == "AG" else c for c in columns])

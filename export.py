@@ -28,7 +28,6 @@ stderr, nothing written).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 

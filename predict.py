@@ -31,7 +31,7 @@ from pathlib import Path
 from cli import adapter_defaults, missing_package, run_script
 
 try:
-    from data.ecinstruct import DATA_SUFFIXES, DataError, read_raw_records, read_rows, select_rows
+    from data.ecinstruct import DATA_SUFFIXES, read_raw_records, read_rows, select_rows
     from evaluate import (add_generation_args, add_model_args, check_generation_args, generate_records,
                           label_decoding_plan, read_task_spec)
     from outdir import FolderLock, write_atomic

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import random
 import shutil
 import subprocess
