@@ -72,7 +72,7 @@ from cli import (adapter_defaults, check_fingerprint, dtype_type, missing_packag
 
 try:
     from data import SETTINGS, parse_settings, parse_split, parse_tasks, read_rows, render_prompt, select_rows
-    from data.ecinstruct import lone_surrogate, row_filter
+    from data.ecinstruct import is_all, lone_surrogate, row_filter
     from data.encode import encode_prompt
     from metrics import evaluate_task, parse_output
     from metrics.custom import (DEFAULT_SPEC, check_gold, majority_answer, norm, parse_custom, parse_task_spec,
@@ -223,7 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.split = parse_split(args.split)
     except ValueError as e:
         p.error(str(e))
-    args.explicit_tasks = args.tasks.strip().lower() != "all"
+    args.explicit_tasks = not is_all(args.tasks)
     if args.out is None:
         args.out = str(default_out(args))
         print(f"writing to {args.out} (--out)", file=sys.stderr)
@@ -321,7 +321,7 @@ def read_predictions(args) -> dict[tuple, object]:
     """
     records = read_json_records(args.predictions)
     if records and all(isinstance(r, str) or r is None for r in records):
-        if args.tasks.strip().lower() == "all" or len(args.task_list) != 1 or len(args.setting_list or ()) != 1:
+        if is_all(args.tasks) or len(args.task_list) != 1 or len(args.setting_list or ()) != 1:
             raise ValueError(f"{args.predictions} is a plain list of outputs (eCeLLM's format): name its one task "
                              "and setting with --tasks and --settings")
         args.outside_selection = Counter()
@@ -389,10 +389,10 @@ def check_specs(args, specs: dict, all_rows: list[dict] | None, scored: list[dic
     if lacking:
         raise ValueError(f"{args.task_spec}: task {lacking[0]!r} is not in {source} (its tasks: "
                          f"{', '.join(sorted(held, key=task_order))})")
+    where = (lambda r: f"{source} row {r['row']}") if not args.predictions else \
+        (lambda r: f"{source}, task {r['task']} setting {r['setting']} index {r['index']}")
     for task, spec in specs.items():
-        where = (lambda r: f"{source} row {r['row']}") if not args.predictions else \
-            (lambda r: f"{source}, task {r['task']} setting {r['setting']} index {r['index']}")
-        check_gold(spec, [(where(r), r["output"] if not args.predictions else r["gold"])
+        check_gold(spec, [(where(r), r["gold"] if args.predictions else r["output"])
                           for r in scored if r["task"] == task])
 
 
@@ -588,28 +588,22 @@ def decode_labels(args, model, tokenizer, spec, records: list[dict], prompts: li
     started = time.time()
     p = probs(prompts)
     decided = {"decode": args.decode, "labels": labels}
-    if args.decode == "threshold" and getattr(args, "threshold", None) is not None:   # given: nothing to choose
+    if args.decode == "threshold":
         pos = next(i for i, l in enumerate(labels) if norm(l) == norm(spec.positive))
-        answers = [labels[pos] if x >= args.threshold else labels[1 - pos] for x in p[:, pos].tolist()]
-        decided.update(threshold=args.threshold, val_rows=0, val_score=None, given=True)
-    elif args.decode == "threshold":
-        pos = next(i for i, l in enumerate(labels) if norm(l) == norm(spec.positive))
-        neg = 1 - pos
-        pv = probs(val_prompts)[:, pos].tolist()
-        candidates = sorted(set(pv))
-        if len(candidates) > 512:
-            candidates = sorted({candidates[round(k * (len(candidates) - 1) / 511)] for k in range(512)})
-        best = None
-        for t in candidates:
-            answers = [labels[pos] if x >= t else labels[neg] for x in pv]
-            value = score_custom(spec, answers, val_gold, mode="strict")["score"]
-            if best is None or value >= best[0]:
-                best = (value, t)
-        threshold = best[1]
-        answers = [labels[pos] if x >= threshold else labels[neg] for x in p[:, pos].tolist()]
-        decided.update(threshold=threshold, val_rows=len(val_prompts), val_score=best[0])
-        print(f"--decode threshold: {records[0]['task']} answers {labels[pos]!r} when p({labels[pos]}) >= "
-              f"{threshold:.4f} ({spec.metric} {best[0]:.3f} on {len(val_prompts)} val rows)", file=sys.stderr)
+        answer = lambda p_pos, t: labels[pos] if p_pos >= t else labels[1 - pos]
+        threshold, val_score = args.threshold, None
+        if threshold is None:   # the candidate that scores best on the val rows (the higher one on a tie)
+            pv = probs(val_prompts)[:, pos].tolist()
+            candidates = sorted(set(pv))
+            if len(candidates) > 512:
+                candidates = sorted({candidates[round(k * (len(candidates) - 1) / 511)] for k in range(512)})
+            scored = ((score_custom(spec, [answer(x, t) for x in pv], val_gold, mode="strict")["score"], t)
+                      for t in candidates)
+            val_score, threshold = max(scored)
+            print(f"--decode threshold: {records[0]['task']} answers {labels[pos]!r} when p({labels[pos]}) >= "
+                  f"{threshold:.4f} ({spec.metric} {val_score:.3f} on {len(val_prompts)} val rows)", file=sys.stderr)
+        answers = [answer(x, threshold) for x in p[:, pos].tolist()]
+        decided.update(threshold=threshold, val_rows=len(val_prompts), val_score=val_score)
     else:
         answers = [labels[i] for i in p.argmax(dim=-1).tolist()]
     for r, answer, row_probs in zip(records, answers, p.tolist()):
@@ -673,19 +667,19 @@ def open_partial(path: Path, settings: dict, kept: list[tuple[dict, int]]):
 
 # ---- gold outputs for a predictions file ----------------------------------------------------------
 
-def join_gold(args, predictions: dict[tuple, object]) -> tuple[list[dict], dict]:
+def join_gold(args, predictions: dict[tuple, object], all_rows: list[dict] | None) -> tuple[list[dict], dict]:
     """Records of the predictions that have a gold output, and counts of what was left out.
 
     Gold comes from --gold (a complete gold file: a prediction whose index it lacks is an error) or
-    from the --dataset rows (which may hold only part of a test set: such predictions are skipped and
-    counted). A (task, setting) with no gold at all is skipped, or an error when --tasks named it.
+    from the --dataset rows `all_rows` (which may hold only part of a test set: such predictions are skipped
+    and counted). A (task, setting) with no gold at all is skipped, or an error when --tasks named it.
     """
     if args.gold:
         gold = keyed(args.gold, read_json_records(args.gold), ("output",), "gold output")
         source = args.gold
     else:
-        rows = select_rows(read_rows(args.dataset, skip_invalid=args.skip_invalid), split=args.split,
-                           tasks=args.tasks, settings=args.setting_list, source=args.dataset)
+        rows = select_rows(all_rows, split=args.split, tasks=args.tasks, settings=args.setting_list,
+                           source=args.dataset)
         gold = {(r["task"], r["setting"], r["index"]): r["output"] for r in rows}
         source = args.dataset
     gold_blocks = Counter((t, s) for t, s, _ in gold)
@@ -846,8 +840,10 @@ def render_results_md(args, results: dict, meta: dict) -> str:
                   f"max new tokens {args.max_new_tokens}, batch {args.batch_size}, cutoff {args.cutoff}, "
                   f"{args.dtype} on {args.device}"]
         for task, d in (getattr(args, "decoding", None) or {}).items():
-            how = (f"threshold {d['threshold']:.4f} on p(positive), chosen on {d['val_rows']} val rows (score "
-                   f"{d['val_score']:.3f} there)" if d["decode"] == "threshold" else "the most likely label")
+            chosen = (f", chosen on {d['val_rows']} val rows (score {d['val_score']:.3f} there)"
+                      if d.get("val_score") is not None else ", given (--threshold)")
+            how = f"threshold {d['threshold']:.4f} on p(positive){chosen}" if d["decode"] == "threshold" \
+                else "the most likely label"
             lines.append(f"- decoding of {task}: {how}, from the first answer token over the labels "
                          f"{', '.join(d['labels'])} (--decode {d['decode']}; other tasks greedy)")
         g = args.generation
@@ -1044,14 +1040,12 @@ def evaluate(args, argv) -> int:
         read_adapter_config(args.adapter)
         args.base_record = adapter_defaults(args, dtype=True)   # --model, --quant, --dtype: the trained base's
     specs = read_task_spec(args.task_spec) if args.task_spec else {}
-    all_rows = None
+    # the dataset's rows, read once: gold outputs, generation, majority baselines, threshold rows
+    all_rows = None if args.predictions and args.gold else read_rows(args.dataset, skip_invalid=args.skip_invalid)
     if args.predictions:
-        records, skipped = join_gold(args, read_predictions(args))
+        records, skipped = join_gold(args, read_predictions(args), all_rows)
         records = limit_rows(records, args.limit)
-        if not args.gold and any(r["task"] not in ABBREV for r in records):   # for the majority baselines
-            all_rows = read_rows(args.dataset, skip_invalid=args.skip_invalid)
     else:
-        all_rows = read_rows(args.dataset, skip_invalid=args.skip_invalid)
         rows = select_rows(all_rows, split=args.split, tasks=args.tasks, settings=args.setting_list,
                            source=args.dataset)
         rows = limit_rows(sorted(rows, key=lambda r: (r["task"], r["setting"], r["index"])), args.limit)

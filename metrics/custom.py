@@ -23,7 +23,7 @@ Metrics, over rows i = 1..n with answers a_i and gold g_i (both normalized):
     token_f1                mean over rows of SQuAD's token F1: common = |tokens(a_i) ∩ tokens(g_i)| (as
                             multisets, tokens = white-space words), P = common / |tokens(a_i)|,
                             R = common / |tokens(g_i)|, F1 = 2PR / (P + R); 1 when both are empty, 0 when one is
-    f_bert                  mean BERTScore F1 (metrics/bertscore.py) of the raw answers
+    f_bert                  mean BERTScore F1 of the answers (metrics/scoring.py's AG scorer, metrics/bertscore.py)
 Modes, as for ECInstruct (metrics/scoring.py): "paper" leaves invalid answers out of the label metrics
 (accuracy, exact_match, f1, macro_f1), "strict" counts them wrong. token_f1 and f_bert score every row
 (an invalid answer as the empty text), so both modes agree there, and so they do for any task without labels.
@@ -31,13 +31,13 @@ Modes, as for ECInstruct (metrics/scoring.py): "paper" leaves invalid answers ou
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .classification import accuracy, binary_metrics, macro_metrics
 from .parsing import MODES
+from .scoring import _score_ag
 
 METRICS = ("accuracy", "f1", "macro_f1", "exact_match", "token_f1", "f_bert")
 LABEL_METRICS = ("accuracy", "f1", "macro_f1", "exact_match")   # the metrics invalid answers are dropped from
@@ -157,16 +157,14 @@ def score_custom(spec: TaskSpec, predictions: Sequence, references: Sequence[str
     elif metric == "token_f1":
         per_row = [token_f1(a if valid else "", g) for g, (a, valid) in zip(gold, parsed)]
         metrics, n_scored = {"token_f1": sum(per_row) / len(per_row) if per_row else 0.0}, len(per_row)
-    else:   # f_bert
+    else:   # f_bert: answer generation's scorer, every row (an invalid answer as the empty text)
         if bertscorer is None:
             raise ValueError("metric f_bert needs an F_BERT encoder (evaluate.py --bertscore-model)")
         texts = [p if isinstance(p, str) and valid else "" for p, (_, valid) in zip(predictions, parsed)]
-        f1 = [float(x) for x in (bertscorer.prf(texts, list(references))[2] if hasattr(bertscorer, "prf")
-                                 else bertscorer(texts, list(references)))]
-        metrics, n_scored = {"f_bert": sum(f1) / len(f1) if f1 else 0.0}, len(f1)
-    score = metrics[metric]
-    return {"metric": metric, "score": None if isinstance(score, float) and math.isnan(score) else score,
-            "mode": mode, **metrics, "n": len(predictions), "n_invalid": n_invalid, "n_scored": n_scored}
+        metrics = _score_ag(texts, references, bertscorer)
+        n_scored = metrics.pop("n_scored")
+    return {"metric": metric, "score": metrics[metric], "mode": mode, **metrics, "n": len(predictions),
+            "n_invalid": n_invalid, "n_scored": n_scored}
 
 
 def check_gold(spec: TaskSpec, outputs: Sequence[tuple[str, str]]) -> None:

@@ -397,3 +397,17 @@ def test_walmart_amazon_rows(tmp_path):
     assert specs["walmart_amazon"].positive == "yes"
     (src / "test.txt").write_text("COL title VAL x\tCOL title VAL y\t1\n")
     assert make_rows.main([str(src), str(tmp_path / "bad")]) == 2
+
+
+def test_f_bert_goes_through_the_answer_generation_scorer():
+    """f_bert scores every row (an invalid answer as the empty text) with the same scorer as ECInstruct's AG."""
+    seen = []
+
+    def scorer(candidates, references):
+        seen.append(list(candidates))
+        return [1.0 if c == r else 0.25 for c, r in zip(candidates, references)]
+    got = score_custom(TaskSpec("f_bert"), ["red shirt", None, "hat"], ["red shirt", "mug", "lamp"], bertscorer=scorer)
+    assert seen == [["red shirt", "", "hat"]]
+    assert got["score"] == pytest.approx(0.5) and got["n_scored"] == 3 and got["n_invalid"] == 1
+    with pytest.raises(ValueError, match="f_bert needs an F_BERT encoder"):
+        score_custom(TaskSpec("f_bert"), ["a"], ["a"])
