@@ -67,8 +67,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cli import (adapter_defaults, check_fingerprint, dtype_type, missing_package, resolve_device, resolve_dtype,
-                 run_script)
+from cli import dtype_type, folder_name, missing_package, run_script
 
 try:
     from data import SETTINGS, parse_settings, parse_split, parse_tasks, read_rows, render_prompt, select_rows
@@ -147,7 +146,9 @@ def add_generation_args(p: argparse.ArgumentParser, *, threshold_help: str) -> N
                                                             "input field shortened (default 2048)")
     p.add_argument("--dtype", default="auto", type=dtype_type("auto", "bf16", "fp16", "fp32"),
                    help="auto, bf16, fp16 or fp32 (bfloat16, float16, float32 too): the base's dtype (auto: the "
-                        "adapter's base.json; without one bf16 on CUDA, fp32 on CPU)")
+                        "adapter's base.json, but fp32 for a bf16 adapter on a CPU without native bf16; without one "
+                        "bf16 on a GPU that has it and on a CPU with native bf16 (amx_bf16 or avx512_bf16 flags), "
+                        "else fp32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
 
@@ -233,15 +234,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def default_out(args) -> Path:
     """runs/x/eval beside an adapter runs/x/adapter (eval-<name> for another adapter folder name),
     runs/eval/<model name> for a base model, runs/score/<file stem> for a predictions file."""
-    slug = lambda text: "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip(".-").lower() or "run"
     if args.adapter:
         adapter = Path(args.adapter).expanduser().resolve()
         return Path(args.adapter).parent / ("eval" if adapter.name == "adapter" else f"eval-{adapter.name}")
     if args.predictions:
-        return Path("runs") / "score" / slug(Path(args.predictions).stem)
-    model = Path(args.model).expanduser()
-    name = model.resolve().name if model.exists() else args.model.rstrip("/").rsplit("/", 1)[-1]
-    return Path("runs") / "eval" / slug(name.removesuffix(".gguf"))
+        return Path("runs") / "score" / folder_name(Path(args.predictions).stem)
+    from model.load import source_name
+
+    return Path("runs") / "eval" / folder_name(source_name(args.model))
 
 
 def parse_max_new_tokens(spec: str) -> tuple[int, dict[str, int]]:
@@ -448,41 +448,24 @@ def label_decoding_plan(args, specs: dict, all_rows: list[dict] | None, tasks: s
 def load_model_and_adapter(model: str | None, adapter: str | None = None, *, quant: str | None = None,
                            dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer) as evaluate.py generates with them, for scripts that score a model their own way: the
-    adapter's base.json fills what is not given (model, quant, dtype), and the adapter is merged."""
-    args = argparse.Namespace(model=model, adapter=adapter, quant=quant, dtype=dtype, device=device)
-    if adapter:
-        from lora import read_adapter_config
+    adapter's base.json fills what is not given (model, quant, dtype), and the adapter is merged (lora.base)."""
+    from lora.base import load_base
 
-        read_adapter_config(adapter)
-        args.base_record = adapter_defaults(args, dtype=True)
-    else:
-        args.base_record, args.quant = None, quant or "none"
-    return load_for_generation(args)
+    return load_base(model, quant, dtype, device, adapter, merge=True)[:2]
+
+
+def choose_generation_base(args) -> None:
+    """args.base, the base to generate with (lora.base.choose_base: an adapter's base.json fills --model, --quant
+    and --dtype), and args.model, its source; a bad adapter folder fails here, before any data is read."""
+    from lora.base import choose_base
+
+    args.base = choose_base(args.model, args.quant, args.dtype, args.device, args.adapter)
+    args.model = args.base.source
 
 
 def load_for_generation(args):
-    """(model, tokenizer): the base model, with the adapter applied and merged when one is given."""
-    from model import load_model
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    quantize = None
-    if args.quant == "nf4":   # read one tensor at a time and quantized as it comes (never the whole dense base)
-        from functools import partial
-
-        from lora import quantize_nf4
-        quantize = partial(quantize_nf4, compute_dtype=dtype)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device, quantize_linear=quantize)
-    if args.adapter:
-        from lora import load_adapter, merge_lora
-
-        check_fingerprint(model, args.base_record, args)
-        load_adapter(model, args.adapter, quantize=None if args.quant == "none" else args.quant, compute_dtype=dtype)
-        merge_lora(model)   # W + B A alpha/r folded in: generation runs at the base model's speed
-    dtype_name = str(dtype).removeprefix("torch.")
-    model.eval()
-    args.device, args.dtype = str(device), dtype_name
-    return model, tokenizer
+    """(model, tokenizer) of args.base: the base model, with the adapter applied and merged when one is given."""
+    return args.base.load(merge=True)
 
 
 def prompt_of(args, row: dict, tokenizer, context: int, max_new: int) -> tuple[list[int], bool, str]:
@@ -624,12 +607,11 @@ def file_identity(source: str | None) -> list | None:
 
 
 def generation_settings(args) -> dict:
-    """Everything a generated output depends on besides its prompt (after load_for_generation)."""
+    """Everything a generated output depends on besides its prompt (args.base: choose_generation_base)."""
     return {"model": args.model, "model_files": file_identity(args.model), "adapter": args.adapter,
-            "adapter_files": file_identity(args.adapter), "quant": args.quant, "template": args.template,
-            "max_new_tokens": [args.max_new, args.max_new_by_task], "cutoff": args.cutoff, "dtype": args.dtype,
-            "decode": args.decode,
-            "device": str(args.device).split(":")[0]}
+            "adapter_files": file_identity(args.adapter), "quant": args.base.quant, "template": args.template,
+            "max_new_tokens": [args.max_new, args.max_new_by_task], "cutoff": args.cutoff,
+            "dtype": args.base.dtype_name, "decode": args.decode, "device": args.base.device.type}
 
 
 def read_partial(path: Path, settings: dict) -> dict[tuple, tuple[str, int]]:
@@ -833,12 +815,12 @@ def render_results_md(args, results: dict, meta: dict) -> str:
     if args.predictions:
         lines.append(f"- predictions: `{args.predictions}`; gold: `{meta['skipped']['gold_source']}`")
     else:
-        adapter = f"`{args.adapter}` (merged{', NF4 base' if args.quant == 'nf4' else ''})" if args.adapter \
+        adapter = f"`{args.adapter}` (merged{', NF4 base' if args.base.quant == 'nf4' else ''})" if args.adapter \
             else "none: the base model zero-shot"
         lines += [f"- model: `{args.model}`; adapter: {adapter}",
                   f"- dataset: `{args.dataset}`, split {args.split}; template {args.template}; greedy, "
                   f"max new tokens {args.max_new_tokens}, batch {args.batch_size}, cutoff {args.cutoff}, "
-                  f"{args.dtype} on {args.device}"]
+                  f"{args.base.dtype_name} on {args.base.device}"]
         for task, d in (getattr(args, "decoding", None) or {}).items():
             chosen = (f", chosen on {d['val_rows']} val rows (score {d['val_score']:.3f} there)"
                       if d.get("val_score") is not None else ", given (--threshold)")
@@ -998,7 +980,9 @@ def default_label(args) -> str:
         return args.model_name
     if args.predictions:
         return Path(args.predictions).stem
-    name = Path(args.model).name if Path(args.model).exists() else args.model
+    from model.load import LOCAL_KINDS, source_kind
+
+    name = Path(args.model).name if source_kind(args.model) in LOCAL_KINDS else args.model
     return f"{name} + {'/'.join(Path(args.adapter).parts[-2:])}" if args.adapter else f"{name} (zero-shot)"
 
 
@@ -1031,14 +1015,8 @@ def evaluate(args, argv) -> int:
     command = "python evaluate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.time()
     skipped = None
-    args.base_record = None
-    if not args.adapter:
-        args.quant = args.quant or "none"
-    else:   # a bad adapter folder fails now, not after the base model has loaded
-        from lora import read_adapter_config
-
-        read_adapter_config(args.adapter)
-        args.base_record = adapter_defaults(args, dtype=True)   # --model, --quant, --dtype: the trained base's
+    if not args.predictions:   # a bad adapter folder fails now; base.json gives --model, --quant, --dtype
+        choose_generation_base(args)
     specs = read_task_spec(args.task_spec) if args.task_spec else {}
     # the dataset's rows, read once: gold outputs, generation, majority baselines, threshold rows
     all_rows = None if args.predictions and args.gold else read_rows(args.dataset, skip_invalid=args.skip_invalid)
@@ -1090,7 +1068,8 @@ def evaluate(args, argv) -> int:
             "label_decoding": args.decoding or None,
             "max_new_tokens": args.max_new,
             "max_new_tokens_by_task": args.max_new_by_task, "batch_size": args.batch_size, "cutoff": args.cutoff,
-            "dtype": args.dtype, "device": args.device, "quant": args.quant, **args.generation},
+            "dtype": args.base.dtype_name, "device": str(args.base.device), "quant": args.base.quant,
+            **args.generation},
         "bertscore": bertscore,
         "skipped": None if skipped is None else {k: ({f"{t}/{s}": n for (t, s), n in v.items()} if isinstance(v, Counter)
                                                     else v) for k, v in skipped.items()},

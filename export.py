@@ -71,39 +71,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def export_name(model_arg: str, config_name: str) -> str:
     """general.name of a GGUF export: the source's hub id or own name, never a local path."""
-    local = lambda n: Path(n).expanduser().exists() or n.startswith((".", "/", "~")) or n.count("/") > 1
-    return config_name if config_name and not local(config_name) else Path(model_arg).stem
+    from model.load import LOCAL_KINDS, source_kind
+
+    return config_name if config_name and source_kind(config_name) not in LOCAL_KINDS else Path(model_arg).stem
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from functools import partial
-
-    from cli import adapter_defaults, check_fingerprint
-    from lora import (LoRALinear, NonFiniteError, check_export_path, export_gguf, export_merged, load_adapter,
-                      quantize_nf4, read_adapter_config)
-    from model import load_model
+    from lora import LoRALinear, NonFiniteError, check_export_path, choose_base, export_gguf, export_merged
 
     folder = args.format == "hf"
     try:   # refuse before any work: an existing --out, a bad adapter folder
         check_export_path(args.out, folder=folder, overwrite=args.overwrite)
     except FileExistsError as e:
         raise FileExistsError(f"--out {e}" + ("" if args.overwrite else ": pass --overwrite to replace it")) from None
-    record = None
-    if args.adapter:
-        read_adapter_config(args.adapter)
-        record = adapter_defaults(args, dtype=False)   # --model and --quant: the base it was trained on
-    args.quant = args.quant or "none"
+    # --model and --quant: the adapter's base.json (the base it was trained on) unless given; the merge is
+    # computed in float32 on the CPU whatever dtype the adapter was trained in
+    base = choose_base(args.model, args.quant, torch.float32, "cpu", args.adapter)
+    base.dtype_why = " (export.py merges in float32)"
     started = time.time()
-    quantize = partial(quantize_nf4, compute_dtype=torch.float32) if args.quant == "nf4" else None
-    model, tokenizer = load_model(args.model, dtype=torch.float32, quantize_linear=quantize)
-    if args.adapter:
-        check_fingerprint(model, record, args)
-        # refuses an adapter tensor holding NaN or inf, naming it
-        load_adapter(model, args.adapter, quantize=None if args.quant == "none" else args.quant)
-    model.eval()
+    model, tokenizer = base.load()   # refuses an adapter tensor holding NaN or inf, naming it
     head_adapted = isinstance(getattr(model, "lm_head", None), LoRALinear)
     try:
         if folder:
@@ -112,7 +101,7 @@ def main(argv=None) -> int:
             what = f"hub-layout folder ({args.dtype})"
         else:
             export_gguf(model, tokenizer, args.out, quant=args.gguf_quant, overwrite=args.overwrite,
-                        name=export_name(args.model, model.config.name))
+                        name=export_name(base.source, model.config.name))
             what = f"GGUF file ({args.gguf_quant})"
     except NonFiniteError as e:
         raise NonFiniteError(f"refusing to export: {e}; nothing was written to {args.out}") from None

@@ -109,8 +109,8 @@ def open_append(path: Path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder (making renames and new names in it durable) or a file, opened read-only."""
+def fsync_path(folder: Path) -> None:
+    """fsync a file or a folder (a folder: making renames and new names in it durable), opened read-only."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,7 +121,25 @@ def fsync_dir(folder: Path) -> None:
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder under `folder`, then the folder (before it is renamed into place)."""
     for path in sorted(Path(folder).rglob("*")) + [Path(folder)]:
-        fsync_dir(path)
+        fsync_path(path)
+
+
+def swap_in(tmp: Path, final: Path, old: Path) -> None:
+    """Put the complete folder `tmp` at `final`. A `final` already there is renamed to `old` first (a link as a link:
+    what it points to is never touched), put back if the second rename fails, and removed only once `tmp` is in
+    place; a crash between the renames leaves it at `old`, whole, for the caller's clean-up to find."""
+    remove_path(old)
+    held = final.exists() or final.is_symlink()
+    if held:
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if held and not (final.exists() or final.is_symlink()):
+            os.rename(old, final)
+        raise
+    fsync_path(final.parent)
+    remove_path(old)
 
 
 def write_atomic(path: str | os.PathLike, content: bytes | str | Callable[[Path], None]) -> None:
@@ -143,7 +161,7 @@ def write_atomic(path: str | os.PathLike, content: bytes | str | Callable[[Path]
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it private; the file gets the usual mode
-        fsync_dir(tmp)                  # (an fsync of the file, opened read-only)
+        fsync_path(tmp)                  # (an fsync of the file, opened read-only)
         os.replace(tmp, path)
     except BaseException as e:
         written = tmp.stat().st_size if tmp.is_file() else None
@@ -151,7 +169,7 @@ def write_atomic(path: str | os.PathLike, content: bytes | str | Callable[[Path]
         if is_disk_full(e) and not isinstance(e, DiskFull):
             raise disk_full(path, len(data) if isinstance(data, bytes) else written) from None
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -319,7 +337,7 @@ def replace_together(folder: Path, names: list[str], remove: tuple[str, ...] = (
             os.fsync(fd)
         finally:
             os.close(fd)
-    fsync_dir(staged)
+    fsync_path(staged)
     journal = {"move": list(names), "remove": [r for r in remove if r not in names]}
     write_atomic(folder / JOURNAL, json.dumps(journal))   # the commit point
     finish_pending(folder)
@@ -363,8 +381,8 @@ def finish_pending(folder: Path, allowed: tuple[str, ...] | None = None) -> bool
             os.replace(staged / name, folder / name)
     for name in journal["remove"]:
         remove_path(folder / name)
-    fsync_dir(folder)
+    fsync_path(folder)
     journal_path.unlink()
     remove_path(staged)
-    fsync_dir(folder)
+    fsync_path(folder)
     return True

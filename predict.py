@@ -28,12 +28,12 @@ import json
 import sys
 from pathlib import Path
 
-from cli import adapter_defaults, missing_package, run_script
+from cli import missing_package, run_script
 
 try:
     from data.ecinstruct import DATA_SUFFIXES, read_raw_records, read_rows, select_rows
-    from evaluate import (add_generation_args, add_model_args, check_generation_args, generate_records,
-                          label_decoding_plan, read_task_spec)
+    from evaluate import (add_generation_args, add_model_args, check_generation_args, choose_generation_base,
+                          generate_records, label_decoding_plan, read_task_spec)
     from outdir import FolderLock, write_atomic
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("predict.py", e)
@@ -90,11 +90,7 @@ def predict(args) -> int:
     raw = dict(read_raw_records(args.dataset))   # {row number: the record as the file gives it}
     specs = read_task_spec(args.task_spec) if args.task_spec else {}
     args.label_tasks, _ = label_decoding_plan(args, specs, None, {r["task"] for r in rows})
-    if args.adapter:
-        from lora import read_adapter_config
-
-        read_adapter_config(args.adapter)   # a bad adapter folder fails now, not after the base model has loaded
-    args.base_record = adapter_defaults(args, dtype=True)
+    choose_generation_base(args)   # a bad adapter folder fails now, not after the base model has loaded
     # Records are keyed by the file's row number (unique, whatever the rows' splits); the gold is not needed.
     keyed = [r | {"index": r["row"], "output": r["output"] or ""} for r in rows]
     out = Path(args.out)

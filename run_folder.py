@@ -46,8 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from outdir import (DiskFull, FolderBusy, FolderLock, disk_full, fsync_dir, fsync_tree, is_disk_full, open_append,
-                    read_jsonl, read_marker, remove_path, write_atomic, write_json)
+from data import parse_tasks
+from data.ecinstruct import is_all
+from outdir import (DiskFull, FolderBusy, FolderLock, disk_full, fsync_tree, is_disk_full, open_append,
+                    read_jsonl, read_marker, remove_path, swap_in, write_atomic, write_json)
 
 FORMAT = 1                      # checkpoint layout version (state.pt "format")
 # Flags that give a checkpoint its meaning: resuming with a different value is refused. So do the resolved
@@ -77,18 +79,6 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put a complete folder `tmp` at `final`; an old `final` is removed only after the rename (a link at `final`
-    is removed as a link: what it points to is never touched)."""
-    old = final.with_name(f".old-{final.name}")
-    remove_path(old)
-    if final.exists() or final.is_symlink():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    remove_path(old)
-
-
 def write_adapter_dir(model, final: Path, base_name: str | None, base: dict, extra: dict | None = None) -> None:
     """An adapter folder (PEFT format, base.json, the `extra` JSON files), written beside `final` and renamed
     into place when complete."""
@@ -101,7 +91,7 @@ def write_adapter_dir(model, final: Path, base_name: str | None, base: dict, ext
         for name, obj in (extra or {}).items():
             write_json(tmp / name, obj)
         fsync_tree(tmp)
-    replace_dir(tmp, final)
+    swap_in(tmp, final, final.with_name(f".old-{final.name}"))
 
 
 def adapter_bytes(model) -> int:
@@ -168,10 +158,18 @@ def data_fingerprint(tokenized) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def canonical(flag: str, value):
+    """A flag's value in the one spelling runs are compared in (runs before canonical --tasks wrote `PM,PRP`)."""
+    if flag == "tasks" and isinstance(value, str) and not is_all(value):
+        with contextlib.suppress(ValueError):
+            return ",".join(parse_tasks(value))
+    return value
+
+
 def compare_configs(saved: dict, now: dict, where: str, say) -> None:
     """Refuse (RunRefused) a resume whose MUST_MATCH flags, resolved dtype or data differ; say the allowed changes."""
     s, n = saved.get("args", {}), now["args"]
-    differ = [k for k in MUST_MATCH if k in s and s[k] != n[k]]
+    differ = [k for k in MUST_MATCH if k in s and canonical(k, s[k]) != canonical(k, n[k])]
     if saved.get("dtype") and saved["dtype"] != now["dtype"]:
         differ.append(f"the base's dtype ({saved['dtype']} there, {now['dtype']} now: --dtype)")
     if saved.get("data_fingerprint") and now.get("data_fingerprint") and \
@@ -179,6 +177,8 @@ def compare_configs(saved: dict, now: dict, where: str, say) -> None:
         differ.append("data (the tokenized training rows differ)")
     if "val_fingerprint" in saved and "val_fingerprint" in now and saved["val_fingerprint"] != now["val_fingerprint"]:
         differ.append("validation set (the tokenized validation rows differ)")
+    if saved.get("init_adapter_sha256") != now.get("init_adapter_sha256"):
+        differ.append("the adapter the LoRA weights started from (--init-adapter)")
     if differ:
         text = ", ".join(f"--{k.replace('_', '-')} {s[k]!r} there, {n[k]!r} now" if k in s else k for k in differ)
         raise RunRefused(f"{where} holds a different run ({text}); use another --out, or --overwrite to start again")
@@ -229,10 +229,11 @@ class RunFolder:
         self.out, self.rank = Path(out), rank
         self.checkpoints = self.out / "checkpoints"
 
-    def claim(self, held, *, resume: str | None, overwrite: bool, config: dict, say=print) -> list[Path]:
+    def open(self, held, *, resume: str | None, overwrite: bool, config: dict, say=print) -> list[Path]:
         """Take the lock (held until `held` closes) and decide where the run starts: the checkpoint folders to
-        try, newest first ([]: fresh). Refuses (RunRefused) a busy folder, one train.py did not write, a run
-        there without --resume or --overwrite, or a different run."""
+        try, newest first ([]: fresh). `config` is the whole run's, the data's fingerprints included (the data is
+        read first). Refuses (RunRefused) a busy folder, one train.py did not write, a run there without --resume
+        or --overwrite, or a different run (other flags or other rows), for --resume auto and PATH alike."""
         out = self.out
         if self.rank == 0:
             try:
@@ -264,8 +265,8 @@ class RunFolder:
             raise RunRefused(f"{out} already holds a run; pass --resume auto to continue it, --overwrite to start "
                              "again, or another --out")
         if resume == "auto":
-            if has_config:   # the flags now; the data once it is read (check_config)
-                compare_configs(read_run_config(out / "config.json"), config, str(out), lambda *a: None)
+            if has_config:
+                compare_configs(read_run_config(out / "config.json"), config, str(out), say)
             return list_checkpoints(self.checkpoints)[::-1]
         if resume is None:
             return []
@@ -277,13 +278,6 @@ class RunFolder:
                              "and adapter/)")
         compare_configs(read_run_config(found[0] / "config.json"), config, str(found[0]), say)
         return found
-
-    def check_config(self, config: dict, say, checkpoint: Path | None = None) -> None:
-        """With the data read: refuse continuing the run in the folder (or from `checkpoint`, --resume PATH) when
-        its rows differ (RunRefused)."""
-        source = checkpoint if checkpoint is not None else self.out
-        if (source / "config.json").is_file():
-            compare_configs(read_run_config(source / "config.json"), config, str(source), say)
 
     def foreign(self) -> list[str]:
         """What the folder holds besides run files and the lock: names a run did not write (a model's, the user's)."""
@@ -367,7 +361,7 @@ class RunFolder:
                        {k: v for k, v in train_state.items() if k not in ("optimizer", "rng")})
             write_json(tmp / "config.json", config)
             fsync_tree(tmp)
-        replace_dir(tmp, final)
+        swap_in(tmp, final, final.with_name(f".old-{final.name}"))
         for old in list_checkpoints(root)[:-keep_last]:  # only once the new one is complete
             if not good or old != good[-1]:
                 remove_path(old)

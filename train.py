@@ -14,7 +14,7 @@ validation loss each epoch on a seeded 1,000-row subset of the val split, best a
 The file reads top to bottom as a run does: arguments, data, model, the loss, the loop, main().
 What one optimizer step does (Trainer.step):
   1. the step's 128 rows come from data.plan_epoch (a pure function of seed and epoch, so resuming is
-     "skip the steps already done"), already cut into length-grouped micro-batches;
+     "skip the steps already done"), already cut into the fewest micro-batches of --micro-batch-tokens;
   2. N = the supervised tokens of the whole step (all micro-batches, all ranks), known before any forward;
   3. each micro-batch, its rows laid end to end without padding (data.pack, model.Packing: attention
      row by row): loss = (sum of token cross-entropies) / N, backward. The gradients add up to
@@ -48,20 +48,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import resource
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from cli import dtype_type, missing_package, resolve_device, resolve_dtype
+from cli import dtype_type, folder_name, missing_package, resolve_device, resolve_dtype
 
 try:
     import numpy as np
@@ -69,18 +68,19 @@ try:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from data import (SETTINGS, DataError, pack, parse_settings, parse_tasks, plan_epoch, read_rows,
+    from data import (IGNORE_INDEX, SETTINGS, DataError, pack, parse_settings, parse_tasks, plan_epoch, read_rows,
                       select_rows, tokenize_rows)
     from data.ecinstruct import DATA_SUFFIXES, VAL_FRACTION, describe_counts, hold_out, is_all
-    from data.batching import padding_stats
-    from model import PRESETS, Packing, count_parameters, load_model, load_tokenizer
+    from data.batching import plan_stats
+    from model import PRESETS, Packing, count_parameters, load_tokenizer
+    from model.load import LOCAL_KINDS, source_kind, source_name
     from model.cpu import release_free_memory, rss_gb
     from outdir import DiskFull
     from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, list_checkpoints, rng_state, set_rng_state
+    from watch import DivergenceWatch, StopSignal, start_processes
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("train.py", e)
 
-IGNORE_INDEX = -100
 BIG_MODEL = 1_000_000_000       # --gradient-checkpointing auto turns it on from this many parameters
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slm-ec" / "data"
 
@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-targets", default="default",
                    help="default: the paper's (q,k,v,o,gate,up,down and lm_head), no-head: the seven projections "
                         "only (what vLLM and llama.cpp load), or a comma list of module names (default: %(default)s)")
+    g.add_argument("--init-adapter", default=None, metavar="ADAPTER",
+                   help="start the LoRA weights from this adapter folder instead of the fresh init (the optimizer "
+                        "and schedule start fresh): continue tuning an adapter on more rows. Its r, alpha, targets "
+                        "and base must be this run's")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="NingLab/ECInstruct",
@@ -167,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per optimizer step, the effective batch over micro-batches and ranks "
                         "(default: %(default)s)")
     g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="micro-batch budget in rows x longest row (per rank), rows grouped by length within it; "
-                        "the rows then run end to end, nothing computed on padding; lower it on out-of-memory. "
-                        "Changes speed, not the gradient (default: %(default)s)")
+                   help="most tokens in a micro-batch (per rank): a step's rows run end to end in as few "
+                        "micro-batches as fit, nothing computed on padding; lower it on out-of-memory. Changes speed "
+                        "and memory, not the gradient (default: %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warm-up before the "
                                                                     "cosine decay (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
@@ -204,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10, help="steps between printed progress lines when there is "
                                                              "no progress bar (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (train_log.jsonl is still written)")
-    g.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+    g.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit "
+                   "(a file --config reads back)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="read the flags from FILE: what --print-config writes, or a JSON object of flag names "
+                        "(lora_r, lr, ...) and values; flags given on the command line override it")
     g.add_argument("--dry-run", action="store_true",
                    help="load the tokenizer and the data only: print statistics and one rendered example, and exit")
     # Test-only: make the loss of this step NaN (shows the non-finite-loss handling); make the last rank fail at
@@ -212,6 +220,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+# Flags of one invocation, not of the run's recipe: config.json and --print-config leave them out, --config
+# refuses them.
+NOT_RECIPE = ("config", "print_config", "dry_run", "resume", "overwrite", "debug_nan_at_step", "debug_fail_at_step")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The flags: those of --config FILE first, then the command line's, so that a flag given overrides the file."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+    path = first.parse_known_args(argv)[0].config
+    return parser.parse_args((config_words(parser, path) if path else []) + argv)
+
+
+def config_words(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """--config FILE as command-line words: the "args" of a --print-config output (or of a run's config.json), or a
+    JSON object of flag names and values. A key that is not a recipe flag, or a value of the wrong kind, stops with
+    one line naming the file and the key."""
+    file = Path(path).expanduser()
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        parser.error(f"--config {file}: not a readable JSON file ({e})")
+    flags = data.get("args", data) if isinstance(data, dict) else None
+    if not isinstance(flags, dict):
+        parser.error(f"--config {file}: expected a JSON object of flags (what --print-config writes)")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_RECIPE + ("help",)}
+    words = []
+    for key, value in flags.items():
+        action = actions.get(key)
+        if action is None:
+            parser.error(f"--config {file}: {key!r} is not a train.py flag of the run's recipe")
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        switch = isinstance(action, argparse._StoreTrueAction)
+        kind = bool if switch else {int: int, float: (int, float)}.get(action.type, str)
+        if value is None and not switch:
+            if action.default is not None:
+                parser.error(f"--config {file}: {key} is null; give a value or leave the key out")
+            continue
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            wanted = {bool: "true or false", int: "an integer", str: "a string"}.get(kind, "a number")
+            parser.error(f"--config {file}: {key} must be {wanted}, got {value!r}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {file}: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+        words += ([flag] if value else []) if switch else [flag, str(value)]
+    return words
 
 
 def check_args(args, parser) -> None:
@@ -247,21 +303,20 @@ def check_args(args, parser) -> None:
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    try:
-        parse_tasks(args.tasks)
+    try:   # one spelling per run: PM,PRP and prp,Product_Matching are the same run
+        args.tasks = "all" if is_all(args.tasks) else ",".join(parse_tasks(args.tasks))
     except ValueError as e:
         parser.error(f"--tasks: {e}")
     try:
         args.setting = ",".join(parse_settings(args.setting) or SETTINGS)   # one spelling in config.json
     except ValueError as e:
         parser.error(f"--setting: {e}")
-    text, path = args.model, Path(args.model).expanduser()
-    looks_local = text.endswith(".gguf") or text.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.exists():
+    text, path, kind = args.model, Path(args.model).expanduser(), source_kind(args.model)
+    if kind in LOCAL_KINDS and not path.exists():
         parser.error(f"--model {text}: no such file or folder")
-    if text.endswith(".gguf") and not path.is_file():
+    if kind == "gguf" and not path.is_file():
         parser.error(f"--model {text}: not a file")
-    if not looks_local and text not in PRESETS and not (text.count("/") == 1 and all(text.split("/"))):
+    if kind == "unknown":
         parser.error(f"--model {text!r} is not a known alias ({', '.join(PRESETS)}), a hub id (org/name), a folder "
                      "or a .gguf file")
     dpath = Path(args.dataset).expanduser()
@@ -270,18 +325,23 @@ def check_args(args, parser) -> None:
         parser.error(f"--dataset {args.dataset}: no such file")
     if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():
         parser.error(f"--resume {args.resume}: no such folder (pass auto, a checkpoint folder or a run folder)")
+    if args.init_adapter is not None:
+        check_init_adapter(args, parser)
 
 
-def model_slug(model: str) -> str:
-    """runs/<slug>: the alias, the hub name, or the file/folder name (of the resolved path, so that
-    `--model ..` names the folder it points to and never makes runs/.. the current directory)."""
-    if model in PRESETS:
-        return model
-    path = Path(model).expanduser()
-    name = (path.resolve() if path.exists() else Path(model.rstrip("/"))).name
-    name = name[:-5] if name.endswith(".gguf") else name
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip(".").lower()
-    return name or "run"
+def check_init_adapter(args, parser) -> None:
+    """--init-adapter: an adapter folder whose r and alpha are this run's (targets and shapes are checked when the
+    weights are copied in, the base by its fingerprint)."""
+    from lora import read_adapter_config
+
+    try:
+        cfg = read_adapter_config(Path(args.init_adapter).expanduser())
+    except (OSError, ValueError) as e:
+        parser.error(f"--init-adapter: {e}")
+    for flag, key, ours in (("--lora-r", "r", args.lora_r), ("--lora-alpha", "lora_alpha", args.lora_alpha)):
+        if cfg[key] != ours:
+            parser.error(f"--init-adapter {args.init_adapter}: its {key} is {cfg[key]}, this run's {flag} is {ours}: "
+                         f"pass {flag} {cfg[key]}")
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -361,31 +421,28 @@ def describe_data(train_rows: list[dict], data: Data, args, tokenizer) -> str:
     and the length-grouped micro-batches."""
     from data.inspect import describe_tokenized
 
-    pad = padding_stats(data.train.lengths, plan_epoch(data.train.lengths, epoch=0, seed=args.seed,
-                                                       seqs_per_step=args.batch_size, max_tokens=args.micro_batch_tokens))
+    plan = plan_epoch(data.train.lengths, epoch=0, seed=args.seed, seqs_per_step=args.batch_size,
+                      max_tokens=args.micro_batch_tokens)
+    stats = plan_stats(data.train.lengths, plan, max_tokens=args.micro_batch_tokens)
     return "\n".join([
         describe_tokenized(train_rows, data.train, tokenizer, train_on_inputs=args.train_on_inputs),
         f"\nvalidation: {len(data.val) if data.val is not None else 0} rows",
         f"steps: {data.steps_per_epoch} per epoch, {data.total_steps} in all, {data.warmup} of warm-up; "
-        f"{pad['micro_batches'] / max(pad['steps'], 1):.1f} micro-batches per step, each run padding-free "
-        "(rows end to end, attention row by row)"])
+        f"{stats['micro_batches'] / max(stats['steps'], 1):.1f} micro-batches per step, {stats['fill']:.0%} full on "
+        f"average (--micro-batch-tokens {args.micro_batch_tokens}), each run padding-free (rows end to end, attention "
+        "row by row)"])
 
 
 # ---- model ------------------------------------------------------------------------------------------
 
-def load_base(args, config: dict, dtype, device, say):
-    """(the frozen base, its tokenizer). With --quant nf4 each linear layer is quantized as it is read, so
-    the dense base is never held whole."""
-    say(f"loading {config['model_id']} ({'NF4' if args.quant == 'nf4' else config['dtype']} base, "
-        f"{config['dtype']} compute) on {device}")
-    quantize = None
-    try:
-        if args.quant == "nf4":
-            from functools import partial
+def load_base(args, dtype, device, say):
+    """(the frozen base, its tokenizer): lora.base.load_base, which says in one line what it loads. With --quant nf4
+    each linear layer is quantized as it is read, so the dense base is never held whole."""
+    from lora.base import load_base as load_chosen_base
 
-            from lora import quantize_nf4
-            quantize = partial(quantize_nf4, compute_dtype=dtype)
-        return load_model(args.model, dtype=dtype, device=device, quantize_linear=quantize)
+    try:
+        model, tokenizer, _ = load_chosen_base(args.model, args.quant, dtype, device, say=say)
+        return model, tokenizer
     except ImportError as e:
         fail(f"--quant nf4 needs bitsandbytes ({e}); install it or pass --quant none")
     except (OSError, RuntimeError, ValueError) as e:
@@ -473,7 +530,7 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batches_of(tokenized, micro_batch: list[int], device) -> tuple[torch.Tensor, torch.Tensor, Packing]:
+def packed_micro_batch(tokenized, micro_batch: list[int], device) -> tuple[torch.Tensor, torch.Tensor, Packing]:
     """A micro-batch padding-free: ids and labels (1, N), its rows end to end, and their Packing."""
     b = pack([tokenized.input_ids[i] for i in micro_batch], [tokenized.labels[i] for i in micro_batch])
     return (b["input_ids"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True),
@@ -488,7 +545,7 @@ def validation_loss(model, val, micro_batches, val_sup, *, device, rank, world, 
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for mb in micro_batches[rank::world]:
-        ids, labels, packing = batches_of(val, mb, device)
+        ids, labels, packing = packed_micro_batch(val, mb, device)
         total += token_loss_sum(model, ids, labels, chunk, packing).double()
         count += int(val_sup[mb].sum())
     both = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
@@ -497,62 +554,6 @@ def validation_loss(model, val, micro_batches, val_sup, *, device, rank, world, 
     model.train(was_training)
     loss_sum, tokens = both.tolist()
     return loss_sum / max(tokens, 1.0), int(tokens)
-
-
-class DivergenceWatch:
-    """Decides after each step's loss and gradient norm, before the update, whether training diverged.
-
-    A step is abnormal when its loss or gradient norm is not finite, when its gradient is exactly
-    zero (nothing can move any more; at loss ln(vocab) the model predicts every token alike, what an
-    overflowed hidden state gives), or when its loss is above `factor` times the start (the mean of
-    the first START_STEPS normal losses of the run). `check` returns the reason to stop, or None:
-    at once for the first two, after `patience` abnormal steps in a row for the third.
-
-    The loss of step s is computed with the weights after s - 1 updates, the ones checkpoint
-    step-(s-1) holds; `suspect_from` is the first checkpoint step whose weights gave an abnormal loss
-    in the current run of abnormal steps (None when the last step was normal).
-    """
-
-    START_STEPS = 10
-
-    def __init__(self, factor: float, patience: int, vocab_size: int, state: dict | None = None):
-        self.factor, self.patience, self.ln_vocab = factor, patience, math.log(vocab_size)
-        state = state or {}
-        self.start: list[float] = list(state.get("start", []))
-        self.abnormal_since: int | None = state.get("abnormal_since")
-
-    def state(self) -> dict:
-        """What a checkpoint keeps, so that a resumed run judges divergence as the uninterrupted one."""
-        return {"start": list(self.start), "abnormal_since": self.abnormal_since}
-
-    @property
-    def suspect_from(self) -> int | None:
-        return None if self.abnormal_since is None else self.abnormal_since - 1
-
-    def check(self, step: int, loss: float, grad_norm: float) -> str | None:
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        start = sum(self.start) / len(self.start) if self.start else None
-        far = finite and bool(self.factor) and start is not None and loss > self.factor * start
-        zero = finite and grad_norm == 0.0
-        if finite and not far and not zero:
-            self.abnormal_since = None
-            if len(self.start) < self.START_STEPS:
-                self.start.append(loss)
-            return None
-        if self.abnormal_since is None:
-            self.abnormal_since = step
-        if not finite:
-            return f"the loss is {loss} (gradient norm {grad_norm})"
-        if zero:
-            uniform = abs(loss - self.ln_vocab) < 1e-3 * self.ln_vocab
-            return (f"the gradient is exactly zero at loss {loss:.4f}" +
-                    (f" = ln(vocab size) = {self.ln_vocab:.4f}: the model predicts every token alike (its hidden "
-                     "state collapsed)" if uniform else ": nothing reaches the adapter any more"))
-        run = step - self.abnormal_since + 1
-        if run >= self.patience:
-            return (f"the loss has been above {self.factor:g} x its start ({start:.4f}) for {run} steps in a row "
-                    f"(now {loss:.6g}; --diverge-factor {self.factor:g}, --diverge-steps {self.patience})")
-        return None
 
 
 def weights_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -565,6 +566,7 @@ def weights_norm(params: list[torch.Tensor]) -> torch.Tensor:
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def peak_memory_gb(device) -> float:
+    """The peak so far: GPU memory allocated by torch on a GPU, the process's resident set (RSS) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
@@ -596,7 +598,7 @@ class Trainer:
     rank: int = 0
     world: int = 1
     progress: Progress = field(default_factory=Progress)
-    stop_asked: bool = False
+    stop: StopSignal = field(default_factory=StopSignal)
 
     def __post_init__(self):
         a = self.args
@@ -703,7 +705,7 @@ class Trainer:
         try:
             for mb in micro[self.rank::self.world]:
                 n_tokens = sum(int(d.train.lengths[i]) for i in mb)   # for the out-of-memory line (ids may not exist)
-                ids, labels, packing = batches_of(d.train, mb, self.device)
+                ids, labels, packing = packed_micro_batch(d.train, mb, self.device)
                 loss = token_loss_sum(self.model, ids, labels, a.loss_chunk_tokens, packing) / n_sup
                 if a.debug_nan_at_step is not None and p.step + 1 == a.debug_nan_at_step:
                     loss = loss * float("nan")
@@ -717,13 +719,13 @@ class Trainer:
                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True can help with fragmentation")
         if self.world > 1:   # sum the LoRA gradients (and the loss, and the stop flag) over ranks, one bucket
             flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in self.params]
-                             + [step_loss.reshape(1), torch.tensor([float(self.stop_asked)], device=self.device)])
+                             + [step_loss.reshape(1), torch.tensor([float(self.stop.asked)], device=self.device)])
             torch.distributed.all_reduce(flat)
             offset = 0
             for q in self.params:
                 q.grad = flat[offset:offset + q.numel()].view_as(q)
                 offset += q.numel()
-            step_loss, self.stop_asked = flat[offset], bool(flat[offset + 1].item() > 0)
+            step_loss, self.stop.asked = flat[offset], bool(flat[offset + 1].item() > 0)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm or float("inf"))
         loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # one sync
         reason = self.watch.check(p.step + 1, loss_value, norm_value)
@@ -760,15 +762,10 @@ class Trainer:
             self.say(f"the run in {self.folder.out} is already complete ({p.step} steps)")
         elif not resumed and (v := self.validate()) is not None:
             self.say(f"step 0: val loss {v:.4f}")
-        handlers = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):   # not the main thread
-                handlers[sig] = signal.signal(sig, self._ask_stop)
-        bar = tqdm(total=d.total_steps, initial=p.step, unit="step", dynamic_ncols=True,
-                   disable=self.rank != 0 or a.no_progress or not sys.stderr.isatty())
         plan, plan_for, last_saved = None, None, p.step if resumed else -1
         self.session = (time.perf_counter(), 0, 0)   # start, tokens, steps of this session
-        try:
+        with self.stop, tqdm(total=d.total_steps, initial=p.step, unit="step", dynamic_ncols=True,
+                             disable=self.rank != 0 or a.no_progress or not sys.stderr.isatty()) as bar:
             while p.step < d.total_steps:
                 if plan_for != p.epoch:
                     plan = plan_epoch(d.train.lengths, epoch=p.epoch, seed=a.seed, seqs_per_step=a.batch_size,
@@ -789,26 +786,20 @@ class Trainer:
                 if epoch_end or p.step == d.total_steps or (a.eval_every and p.step % a.eval_every == 0):
                     if (v := self.validate()) is not None and self.rank == 0:
                         tqdm.write(f"step {p.step}: val loss {v:.4f} (best {p.best_val:.4f} at step {p.best_step})")
-                if epoch_end or p.step == d.total_steps or p.step % a.save_every == 0 or self.stop_asked:
+                if epoch_end or p.step == d.total_steps or p.step % a.save_every == 0 or self.stop.asked:
                     self.checkpoint()
                     last_saved = p.step
-                if self.stop_asked:
+                if self.stop.asked:
                     self.say(f"stopped at step {p.step}; continue with --resume auto (--out {self.folder.out})",
                              file=sys.stderr)
                     raise SystemExit(130)
-        finally:
-            bar.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
         if last_saved != p.step and p.step > 0:
             self.checkpoint()
 
-    def _ask_stop(self, signum, frame):
-        if self.stop_asked:
-            raise KeyboardInterrupt
-        self.stop_asked = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-              "(again to stop now)", file=sys.stderr, flush=True)
+    @property
+    def memory_kind(self) -> str:
+        """What peak_memory_gb measures here."""
+        return "GPU allocated" if self.device.type == "cuda" else "RSS"
 
     def report(self, record: dict, steps_in_epoch: int, bar) -> None:
         """The step's line in train_log.jsonl, the progress bar, a printed line every --log-every steps."""
@@ -819,13 +810,13 @@ class Trainer:
             **{k: record[k] for k in ("loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s")},
             "peak_mem_gb": round(mem, 3), "rss_gb": round(rss_gb(), 3), "time": round(p.elapsed, 3)})
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        mem=f"{mem:.1f}GB", refresh=False)
+                        peak=f"{mem:.1f}GB", refresh=False)
         bar.update(1)
         if bar.disable and (p.step % self.args.log_every == 0 or p.step == total):
             start, _, steps = self.session
             eta = timedelta(seconds=round((time.perf_counter() - start) / steps * (total - p.step)))
             self.say(f"step {p.step}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                     f"{record['tokens_per_s']:.0f} tok/s | mem {mem:.1f} GB | eta {eta}", flush=True)
+                     f"{record['tokens_per_s']:.0f} tok/s | peak {mem:.1f} GB {self.memory_kind} | eta {eta}", flush=True)
 
     def finish(self, t_start: float) -> None:
         """The final adapter, the loss curve and the summary."""
@@ -840,8 +831,7 @@ class Trainer:
         say("---- summary " + "-" * 48)
         say(f"steps: {p.step} ({p.step / d.steps_per_epoch:.2f} epochs) in {timedelta(seconds=round(p.elapsed))} of "
             "training" + (f", {tokens / (time.perf_counter() - start):.0f} tokens/s this session" if steps else ""))
-        say(f"peak memory: {peak_memory_gb(self.device):.2f} GB "
-            f"({'GPU allocated' if self.device.type == 'cuda' else 'RSS'})")
+        say(f"peak memory: {peak_memory_gb(self.device):.2f} GB {self.memory_kind}")
         if vals:
             say(f"validation loss: {vals[0]['val_loss']:.4f} (step {vals[0]['step']}) -> {vals[-1]['val_loss']:.4f} "
                 f"(step {vals[-1]['step']}); best {p.best_val:.4f} at step {p.best_step} in {out / 'best'}")
@@ -850,48 +840,6 @@ class Trainer:
 
 
 # ---- processes ------------------------------------------------------------------------------------
-
-class PeerWatch:
-    """Under torchrun, a rank that fails must not leave the others blocked in a collective until its timeout
-    (30 minutes). A failing rank writes why into the rendezvous store (a key of this run's), and a thread
-    in every rank looks once a second: when a peer has failed, or the store itself is gone (the process
-    holding it died), it prints one line and ends its process with exit code 1."""
-
-    def __init__(self, rank: int):
-        self.rank, self.done = rank, threading.Event()
-        self.key = f"slm-ec/failed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-        self.store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                                is_master=False, timeout=timedelta(seconds=30))
-        threading.Thread(target=self._watch, daemon=True, name="peer-watch").start()
-
-    def _watch(self) -> None:
-        while not self.done.wait(1.0):
-            try:
-                if self.store.check([self.key]):
-                    self._stop(self.store.get(self.key).decode(errors="replace"))
-            except Exception as e:   # the store's host died
-                self._stop(f"the rendezvous store cannot be reached ({type(e).__name__}): a peer process has died")
-
-    def _stop(self, why: str) -> None:
-        print(f"train.py: error: rank {self.rank} stops because {why}", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    def failed(self, error: BaseException) -> None:
-        """This rank is failing (error: fail()'s SystemExit, or any exception). When a peer failed first, the
-        error is the collective breaking under this rank: one line naming the peer instead. Else tell the peers.
-        A stop asked for (exit code 130: every rank checkpoints and stops) is no failure."""
-        if isinstance(error, SystemExit) and error.code in (0, None, 130):
-            return
-        self.done.set()
-        text = f"exit code {error.code}" if isinstance(error, SystemExit) else f"{type(error).__name__}: {error}"
-        with contextlib.suppress(Exception):
-            if self.store.check([self.key]):
-                self._stop(self.store.get(self.key).decode(errors="replace"))
-            self.store.set(self.key, f"rank {self.rank} failed ({text})")
-
-    def close(self) -> None:
-        self.done.set()
-
 
 def place(args, device, world: int, rank: int, local_rank: int):
     """(device, compute dtype): under torchrun rank r takes cuda:LOCAL_RANK. dtype auto: bf16 on a GPU that has it
@@ -902,26 +850,41 @@ def place(args, device, world: int, rank: int, local_rank: int):
     return device, resolve_dtype(args.dtype, device, warn=None if rank == 0 else (lambda message: None))
 
 
-def start_processes(world: int, device) -> PeerWatch | None:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK and the rendezvous; a plain `python train.py` is one rank."""
-    if world == 1:
-        return None
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=timedelta(minutes=30))
-    return PeerWatch(torch.distributed.get_rank())
-
-
 # ---- main -------------------------------------------------------------------------------------------
 
 def run_config(args, device, dtype, world: int) -> dict:
     """config.json's start: the flags, the resolved model, folder, device and dtype (data facts come later)."""
-    out = Path(args.out or Path("runs") / model_slug(args.model)).expanduser()
+    out = Path(args.out or Path("runs") / folder_name(source_name(args.model))).expanduser()
+    init = {}
+    if args.init_adapter:   # what the LoRA weights started from: a resume with other weights is another run
+        weights = (Path(args.init_adapter).expanduser() / "adapter_model.safetensors").read_bytes()
+        init["init_adapter_sha256"] = hashlib.sha256(weights).hexdigest()[:16]
     return {"args": {k: v for k, v in vars(args).items()
-                     if k not in ("print_config", "dry_run", "resume", "overwrite", "debug_nan_at_step", "debug_fail_at_step")},
+                     if k not in NOT_RECIPE},
             "model_id": PRESETS[args.model][0] if args.model in PRESETS else args.model,
             "out": str(out), "device": device.type, "dtype": str(dtype).removeprefix("torch."), "world_size": world,
-            "format": FORMAT}
+            "format": FORMAT, **init}
+
+
+def init_from_adapter(model, args, base: dict) -> None:
+    """Copy --init-adapter's LoRA weights into the fresh LoRA layers (names and shapes checked both ways); refused when
+    the adapter's base.json fingerprints another base than the one loaded."""
+    from lora import load_adapter, read_base_record
+
+    path = Path(args.init_adapter).expanduser()
+    try:
+        record = read_base_record(path)
+        if record and record.get("base_fingerprint") and record["base_fingerprint"] != base["base_fingerprint"]:
+            trained_on = record.get("base_checkpoint") or record.get("base_model")
+            fail(f"--init-adapter {path}: trained on another base ({trained_on}, fingerprint "
+                 f"{record['base_fingerprint']}; --model {args.model} gives {base['base_fingerprint']})", 2)
+        quant = "nf4" if record and record.get("quantization") else "none"
+        if record and quant != args.quant:
+            kind = "an NF4" if quant == "nf4" else "a dense"
+            fail(f"--init-adapter {path}: trained on {kind} base; pass --quant {quant}", 2)
+        load_adapter(model, path)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(f"--init-adapter: {e}", 2)
 
 
 def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config: dict, dtype, device,
@@ -931,9 +894,11 @@ def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config:
 
     params, n_params, use_gc = add_lora(model, args, dtype, world)
     # The adapter names its base only by hub id (never a path of this machine); lora falls back to config.name.
-    base_name = config["model_id"] if args.model in PRESETS or not Path(args.model).expanduser().exists() else None
+    base_name = config["model_id"] if source_kind(args.model) in ("alias", "hub") else None
     base = base_record(base_model=base_name, base_checkpoint=args.model, quantization=model.lora_config["quantize"],
                        dtype=dtype, compute_dtype=dtype, fingerprint=base_fingerprint(model))
+    if args.init_adapter:
+        init_from_adapter(model, args, base)
     n_train = sum(p.numel() for p in params)
     config.update(base_model=base_name, parameters=n_params, trainable_parameters=n_train, gradient_checkpointing=use_gc)
     say(f"model: {n_params / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trainable ({100 * n_train / n_params:.2f}%), "
@@ -949,7 +914,7 @@ def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     check_args(args, parser)
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     try:
@@ -964,36 +929,25 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     with contextlib.ExitStack() as held:   # the folder's lock, released however the run ends
         folder = RunFolder(Path(config["out"]), rank)
-        try:
-            resume_from = [] if args.dry_run else folder.claim(held, resume=args.resume, overwrite=args.overwrite,
-                                                               config=config, say=say)
-        except RunRefused as e:
-            fail(str(e), 2)
         peers = start_processes(world, device)
         try:
             train_rows, val_rows = read_data(args, say)       # checked before any weight is loaded
-            if args.dry_run:
-                try:
-                    tokenizer = load_tokenizer(args.model)
-                except (OSError, ValueError) as e:
-                    fail(f"could not get the tokenizer of {args.model}: {e}", 2)
-                say(describe_data(train_rows, tokenize_data(args, train_rows, val_rows, tokenizer, verbose=True), args,
-                                  tokenizer))
-                return 0
-            model, tokenizer = load_base(args, config, dtype, device, say)
+            try:
+                tokenizer = load_tokenizer(args.model)
+            except (OSError, ValueError) as e:
+                fail(f"could not get the tokenizer of {args.model}: {e}", 2)
             data = tokenize_data(args, train_rows, val_rows, tokenizer, verbose=rank == 0)
+            if args.dry_run:
+                return say(describe_data(train_rows, data, args, tokenizer)) or 0
             config.update(data_fingerprint=data_fingerprint(data.train), val_fingerprint=data_fingerprint(data.val),
                           tokenizer_fingerprint=tokenizer.fingerprint[:16], train_rows=len(data.train),
                           val_rows=len(data.val) if data.val is not None else 0, steps_per_epoch=data.steps_per_epoch,
                           total_steps=data.total_steps, warmup_steps=data.warmup)
-            if args.resume:   # the same flags over other rows is another run (--resume auto and --resume PATH alike)
-                try:
-                    if args.resume == "auto":
-                        folder.check_config(config, say)
-                    elif resume_from:   # claim() already said what changed in the flags
-                        folder.check_config(config, lambda *a, **k: None, resume_from[0])
-                except RunRefused as e:
-                    fail(str(e), 2)
+            try:   # the lock; a resume only of the same run: the same flags over the same rows
+                resume_from = folder.open(held, resume=args.resume, overwrite=args.overwrite, config=config, say=say)
+            except RunRefused as e:
+                fail(str(e), 2)
+            model, _ = load_base(args, dtype, device, say)
             trainer = build_trainer(args, model, tokenizer, data, folder, config, dtype, device, rank, world, say)
             resumed = trainer.resume(resume_from)
             folder.start(config, resumed_at=trainer.progress.step if resumed else None, overwrite=args.overwrite,

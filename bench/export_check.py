@@ -5,15 +5,18 @@
     python bench/export_check.py --rows ... --adapter ... --threads 2 --max-new-tokens 32 --out runs/export-check
 
 Model: --model (default: the offline SmolLM2-135M-Instruct GGUF). "Ours" is that model with the adapter
-applied unmerged (W x + B A x alpha/r), dense fp32, no NF4. Prompts: eCeLLM's alpaca prompt of the first
---n rows (default 20) of the file, taken in turn from each task's IND_Diverse_Instruction block.
+applied unmerged (W x + B A x alpha/r), in float32, on the base as the adapter's base.json records it (NF4 when
+it was trained on NF4), loaded by lora.base.load_base, the loader export.py merges with; the exports are
+written with that same quantization. A scripted adapter has no base.json: a dense base. Prompts: eCeLLM's
+alpaca prompt of the first --n rows (default 20) of the file, taken in turn from each task's
+IND_Diverse_Instruction block.
 
 1. exports written by export.py: hf (fp32), GGUF f16 and Q8_0, each read by transformers (the folder;
    GGUF through `from_pretrained(dir, gguf_file=...)`) and by our loader. Largest |logit difference|
    over every position and vocabulary entry of every prompt against: ours unmerged; ours with the
-   adapter merged into fp32 weights (what evaluate.py runs); that merged model with its 2-D weights
-   rounded to f16 in torch (what an f16 file holds, so a 0 there means the file adds no error of its
-   own). Also how often the top-1 token agrees with ours unmerged.
+   adapter merged into fp32 weights (evaluate.py's form, in float32); that merged model, made dense, with its
+   2-D weights rounded to f16 in torch (what an f16 file holds, so a 0 there means the file adds no error of
+   its own). Also how often the top-1 token agrees with ours unmerged.
 2. with llama-cpp-python installed (--llama-cpp f16,q8_0): llama.cpp's greedy continuation of each prompt
    (exactly --max-new-tokens, EOS does not stop it) beside our generator's (model/generate.py, batch 1,
    fp32, the adapter merged). Answers (the tokens before the first EOS, what evaluate.py keeps) and whole
@@ -27,7 +30,6 @@ Prints a markdown report (and writes it to --out/report.md).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -42,8 +44,8 @@ import torch
 import export
 from data import load_rows, render_prompt
 from data.encode import encode_prompt
-from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from model import generate, load_model
+from lora import apply_lora, load_base, lora_layers, merged_export_state, save_adapter
+from model import build_model, generate, load_model
 from model.cpu import cpu_name
 from model.gguf import packaged_smollm2
 
@@ -105,6 +107,13 @@ def compare(model, prompts, references) -> dict:
                 scale = max(scale, ref.abs().max().item())
     return {"max": {n: max(d) for n, d in diffs.items()}, "median": {n: float(np.median(d)) for n, d in diffs.items()},
             "max_abs_logit": scale, "top1_agreement": f"{agree}/{total}"}
+
+
+def dense_copy(model):
+    """A dense float32 copy of `model` with its adapters folded in and any NF4 layer dequantized: what an hf
+    export holds (lora.merged_export_state), as a model of its own."""
+    config, state = merged_export_state(model)
+    return build_model(config, state, dtype=torch.float32, device="cpu").eval()
 
 
 def transformers_model(path: Path, gguf_file: str | None = None):
@@ -173,8 +182,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="export-check-"))
     out.mkdir(parents=True, exist_ok=True)
     source = args.model or str(packaged_smollm2())
-    model, tok = load_model(source)
     if args.scripted_adapter:
+        model, tok, base = load_base(source, "none", torch.float32, "cpu")
         torch.manual_seed(0)
         apply_lora(model, r=16, alpha=16, dropout=0.0)
         g = torch.Generator().manual_seed(1)
@@ -184,12 +193,13 @@ def main(argv=None) -> int:
         save_adapter(model, adapter)
     else:
         adapter = Path(args.adapter)
-        load_adapter(model, adapter)
+        model, tok, base = load_base(source, None, torch.float32, "cpu", str(adapter))   # NF4 when trained on NF4
     model.eval()
     prompts = pick_prompts(args.rows, args.n, tok)
     lines = [f"# Export check: {Path(source).name} + {'scripted adapter' if args.scripted_adapter else adapter.name}", "",
              f"- adapter targets: {', '.join(model.lora_config['targets'])}; r={model.lora_config['r']}, "
              f"alpha={model.lora_config['alpha']}",
+             f"- {base.line()}",
              f"- prompts: {len(prompts)} ({', '.join(sorted({t for t, _, _ in prompts}))}), "
              f"{min(len(i) for _, i, _ in prompts)}-{max(len(i) for _, i, _ in prompts)} tokens",
              f"- CPU: {cpu_name()}, {args.threads} thread(s); torch {torch.__version__}", ""]
@@ -199,21 +209,21 @@ def main(argv=None) -> int:
     paths = {}
     for name, flags in exports.items():
         paths[name] = out / (name if name.startswith("hf") else f"{name}.gguf")
-        export.main(["--model", source, "--adapter", str(adapter), *flags, "--out", str(paths[name]), "--overwrite"])
+        export.main(["--model", source, "--quant", base.quant, "--adapter", str(adapter), *flags, "--out",
+                     str(paths[name]), "--overwrite"])
 
-    merged, _ = load_model(source)
-    load_adapter(merged, adapter)
-    merge_lora(merged.eval())   # evaluate.py's form: the adapter folded into the weights, fp32
-    rounded = copy.deepcopy(merged)   # what an f16 GGUF holds: every 2-D weight rounded to f16, norms fp32
+    # evaluate.py's form: the adapter folded into the weights (an NF4 base dequantized), here in fp32
+    merged = load_base(source, base.quant, torch.float32, "cpu", str(adapter), merge=True)[0]
+    rounded = dense_copy(merged)   # what an f16 GGUF holds: every 2-D weight rounded to f16, norms fp32
     for p in rounded.parameters():
         if p.dim() == 2:
             p.data = p.data.half().float()
     references = {"unmerged": model, "merged": merged, "f16": rounded}
     lines += ["## Logits of the exports against ours", "",
               "Largest |difference| over every position and vocabulary entry of the prompts (median: of the "
-              "per-prompt largest) against ours with the adapter unmerged (fp32, dense base); against ours with "
-              "it merged into the fp32 weights (what evaluate.py runs); against that merged model with its 2-D "
-              "weights rounded to f16 in torch (what an f16 file holds).", "",
+              "per-prompt largest) against ours with the adapter unmerged (fp32, the base as the adapter's base.json "
+              "records it); against ours with it merged into the fp32 weights (evaluate.py's form); against that "
+              "merged model with its 2-D weights rounded to f16 in torch (what an f16 file holds).", "",
               "| export | read by | max vs unmerged | median vs unmerged | max vs merged | max vs merged, f16-rounded | "
               "max abs logit | top-1 agreement (vs unmerged) |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
             print(lines[-1], flush=True)
             del m
     # where the f16 error comes from: the same rounding with the (tied) embedding and head kept in fp32
-    rounded_body = copy.deepcopy(merged)
+    rounded_body = dense_copy(merged)
     for n, p in rounded_body.named_parameters():
         if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n:
             p.data = p.data.half().float()

@@ -1,15 +1,14 @@
-"""Epoch plans (steps -> length-grouped micro-batches -> row indices), the padding collator and the packer.
+"""Epoch plans (steps -> micro-batches -> row indices), the packer train.py runs, and a padding collator.
 
 An optimizer step takes `seqs_per_step` rows drawn at random (eCeLLM: 128, as gradient accumulation
 over micro-batches of 1). We keep the rows of a step random, so a step's gradient is the same
-estimate it would be without grouping, and only group by length *within* the step: its rows, sorted
-longest first, are cut into micro-batches whose padded size
-
-    rows * round_up(max_len, multiple_of) <= max_tokens
-
-(a row longer than max_tokens gets a micro-batch of its own), choosing the cuts that minimise padded
-tokens plus a per-micro-batch overhead (pack_by_length). Each step's first micro-batch holds its
-longest row, so an out-of-memory shows in the first micro-batch of a step rather than later.
+estimate it would be without grouping, and only group them *within* the step into micro-batches
+that train.py lays end to end without padding (`pack`; attention runs row by row, model.Packing).
+A micro-batch's cost is then its real tokens, the same whatever the grouping, plus a fixed price
+per micro-batch (kernel launches, weight dequantisation): so the plan is the fewest micro-batches
+of at most `max_tokens` real tokens each, first-fit over the rows sorted longest first
+(pack_by_length; a row longer than max_tokens gets a micro-batch of its own). Each step's first
+micro-batch holds its longest row, so an out-of-memory shows in the first micro-batch of a step.
 
 The plan is a pure function of (lengths, epoch, seed, sizes): resuming mid-epoch is calling
 plan_epoch again and skipping the steps already done.
@@ -22,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .encode import IGNORE_INDEX
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -35,75 +34,49 @@ def epoch_order(n: int, *, epoch: int, seed: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def pack_by_length(rows: Sequence[int], lengths: Sequence[int], *, max_tokens: int, multiple_of: int = 8,
-                   batch_overhead: int | None = None) -> list[list[int]]:
-    """Cut `rows` into micro-batches of similar length, each within max_tokens.
+def pack_by_length(rows: Sequence[int], lengths: Sequence[int], *, max_tokens: int) -> list[list[int]]:
+    """Group `rows` into micro-batches of at most max_tokens real tokens: first-fit decreasing.
 
-    The rows are sorted longest first (ties by index) and cut into contiguous runs by dynamic
-    programming, minimising
-
-        sum over micro-batches of  rows * round_up(max_len, multiple_of) + batch_overhead
-
-    i.e. padded tokens computed plus a fixed price per micro-batch (kernel launches, weight
-    dequantisation) counted in tokens; default max_tokens // 32. With a price of 0 every row would
-    get its own micro-batch; a very high price gives the fewest micro-batches.
+    The rows, sorted longest first (ties by index), go one by one into the first micro-batch with room
+    for them (sum of lengths <= max_tokens), else into a new one. First-fit decreasing uses at most
+    11/9 of the fewest micro-batches possible plus one; the first micro-batch holds the longest row.
     """
-    if batch_overhead is None:
-        batch_overhead = max_tokens // 32
     order = sorted(rows, key=lambda i: (-lengths[i], i))
-    n = len(order)
-    if n == 0:
-        return []
-    width = np.array([round_up(lengths[i], multiple_of) for i in order], dtype=np.int64)   # (n,) descending
-    # best[k]: cheapest cost of the first k sorted rows; start[k]: where its last micro-batch starts.
-    best = np.zeros(n + 1, dtype=np.int64)
-    start = np.zeros(n + 1, dtype=np.int64)
-    j = np.arange(n, dtype=np.int64)
-    for k in range(1, n + 1):
-        size = k - j[:k]                                      # (k,) rows in a micro-batch order[j:k]
-        cost = best[:k] + size * width[:k] + batch_overhead   # its longest row is order[j]
-        cost[(size * width[:k] > max_tokens) & (size > 1)] = np.iinfo(np.int64).max
-        start[k] = int(np.argmin(cost))                       # first minimum: deterministic
-        best[k] = cost[start[k]]
-    micro_batches, k = [], n
-    while k > 0:
-        micro_batches.append(order[start[k]: k])
-        k = int(start[k])
-    return micro_batches[::-1]
+    micro_batches: list[list[int]] = []
+    used: list[int] = []                     # real tokens in each micro-batch so far
+    for i in order:
+        fits = next((b for b, n in enumerate(used) if n + lengths[i] <= max_tokens), None)
+        if fits is None:
+            micro_batches.append([i])
+            used.append(lengths[i])
+        else:
+            micro_batches[fits].append(i)
+            used[fits] += lengths[i]
+    return micro_batches
 
 
-def plan_epoch(lengths: Sequence[int], *, epoch: int, seed: int, seqs_per_step: int, max_tokens: int,
-               multiple_of: int = 8, batch_overhead: int | None = None) -> list[list[list[int]]]:
+def plan_epoch(lengths: Sequence[int], *, epoch: int, seed: int, seqs_per_step: int,
+               max_tokens: int) -> list[list[list[int]]]:
     """plan[step][micro_batch] = row indices. Every row exactly once; same arguments, same plan.
 
     Step s holds rows order[s * seqs_per_step : (s + 1) * seqs_per_step] of epoch_order (the last
-    step may hold fewer), grouped by length into micro-batches by pack_by_length.
+    step may hold fewer), grouped into micro-batches by pack_by_length.
     """
-    if seqs_per_step < 1 or max_tokens < 1 or multiple_of < 1:
-        raise ValueError("seqs_per_step, max_tokens and multiple_of must be positive")
+    if seqs_per_step < 1 or max_tokens < 1:
+        raise ValueError("seqs_per_step and max_tokens must be positive")
     lengths = list(lengths)
     order = epoch_order(len(lengths), epoch=epoch, seed=seed).tolist()
-    return [pack_by_length(order[start: start + seqs_per_step], lengths, max_tokens=max_tokens,
-                           multiple_of=multiple_of, batch_overhead=batch_overhead)
+    return [pack_by_length(order[start: start + seqs_per_step], lengths, max_tokens=max_tokens)
             for start in range(0, len(order), seqs_per_step)]
 
 
-def padding_stats(lengths: Sequence[int], plan: list[list[list[int]]], *, multiple_of: int = 8) -> dict:
-    """Padding of a plan: tokens, padded_tokens (sum of rows * round_up(max_len)), padding fraction
-    = 1 - tokens / padded_tokens overall and for the worst step, and the number of micro-batches."""
-    tokens = padded = 0
-    worst = 0.0
-    micro = 0
-    for step in plan:
-        step_tokens = step_padded = 0
-        for mb in step:
-            step_tokens += sum(lengths[i] for i in mb)
-            step_padded += len(mb) * round_up(max(lengths[i] for i in mb), multiple_of)
-            micro += 1
-        tokens, padded = tokens + step_tokens, padded + step_padded
-        worst = max(worst, 1 - step_tokens / step_padded)
-    return {"tokens": tokens, "padded_tokens": padded, "padding": 1 - tokens / padded if padded else 0.0,
-            "worst_step_padding": worst, "steps": len(plan), "micro_batches": micro}
+def plan_stats(lengths: Sequence[int], plan: list[list[list[int]]], *, max_tokens: int) -> dict:
+    """What a plan asks of each step: tokens, steps, micro_batches, and fill = tokens / (micro_batches *
+    max_tokens), how full the micro-batches are on average."""
+    tokens = sum(lengths[i] for step in plan for mb in step for i in mb)
+    micro = sum(len(step) for step in plan)
+    return {"tokens": tokens, "steps": len(plan), "micro_batches": micro,
+            "fill": tokens / (micro * max_tokens) if micro else 0.0}
 
 
 def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *, pad_id: int,

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from model.config import read_json_object
-from outdir import (DiskFull, disk_full, fsync_dir, fsync_tree, is_disk_full, read_marker, remove_path,
+from outdir import (DiskFull, disk_full, fsync_path, fsync_tree, is_disk_full, read_marker, remove_path, swap_in,
                     write_atomic)
 from model.gguf import NonFiniteError
 
@@ -431,30 +431,23 @@ def _publish(path, write, *, folder: bool, overwrite: bool, needed: int | None =
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
-    old = None
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make them private
-        fsync_tree(tmp) if folder else fsync_dir(tmp)
+        fsync_tree(tmp) if folder else fsync_path(tmp)
         check_export_path(path, folder=folder, overwrite=overwrite, clean=False)  # it may have appeared meanwhile
-        if folder and path.exists():  # a folder is renamed only over an empty one: move the old one aside
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old)
-        os.replace(tmp, path)
+        if folder:   # a folder is renamed only over an empty one: the old one goes aside first (.NAME.*.old)
+            swap_in(tmp, path, tmp.with_suffix(".old"))
+        else:
+            os.replace(tmp, path)
+            fsync_path(path.parent)
     except BaseException as e:
         remove_path(tmp)
-        if old is not None and not path.exists():
-            os.replace(old, path)                     # the previous export, back in place
-        elif old is not None:
-            remove_path(old)                          # the placeholder the previous export never moved into
         if is_disk_full(e) and not isinstance(e, DiskFull):
             raise disk_full(path, needed) from None
         raise
-    if old is not None:
-        remove_path(old)
-    fsync_dir(path.parent)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

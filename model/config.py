@@ -150,16 +150,6 @@ class ModelConfig:
             if kind == "llama3" and self.rope_scaling["low_freq_factor"] >= self.rope_scaling["high_freq_factor"]:
                 raise ValueError("config: rope_scaling.low_freq_factor must be below high_freq_factor")
 
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one key/value head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = self.eos_token_id
-        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config.json") -> "ModelConfig":
         """Build from a config.json dict; a missing or mistyped key is named in the error."""

@@ -17,6 +17,9 @@ their tokens this way. When nothing waits any more, the last occupied slots move
 step only ever runs the rows still generating. Rows never wait for the longest answer of their batch.
 The positions and the attention each token sees are those of `generate` and of an unpadded
 one-row decode, so the greedy ids are the same (up to float rounding in the matrix products).
+
+Every forward here is the model's own `Llama.forward`, given the cache, positions and mask (or the
+packing), with `last_only`: the head runs on each row's last token only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .llama import KVCache, Llama, Packing, rope_cos_sin, rope_inv_freq
+from .llama import KVCache, Llama, Packing
 
 
 @torch.inference_mode()
@@ -47,8 +50,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     cache = KVCache(model.config, B, L + max_new_tokens, dtype, device)
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
 
-    hidden = model(input_ids, position_ids=positions, attention_mask=mask[:, :L], cache=cache, return_hidden=True)
-    next_ids = model.lm_head(hidden[:, -1]).argmax(-1)                            # (B,)
+    next_ids = model(input_ids, position_ids=positions, attention_mask=mask[:, :L], cache=cache,
+                     last_only=True).argmax(-1)                                   # (B,)
     position = positions[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     generated = []
@@ -59,9 +62,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             break
         mask[:, L + step] = True
         position = position + 1
-        hidden = model(next_ids[:, None], position_ids=position[:, None], attention_mask=mask[:, :L + step + 1],
-                       cache=cache, return_hidden=True)
-        next_ids = model.lm_head(hidden[:, -1]).argmax(-1)
+        next_ids = model(next_ids[:, None], position_ids=position[:, None], attention_mask=mask[:, :L + step + 1],
+                         cache=cache, last_only=True).argmax(-1)
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(B)]
     return [[t for t in row if t >= 0] for row in rows]
 
@@ -79,6 +81,7 @@ class SlotCache:
     """
 
     def __init__(self, config, slots: int, max_len: int, dtype, device):
+        self.max_len = max_len
         shape = (config.num_hidden_layers, slots + 1, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -136,15 +139,6 @@ def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
     return n
 
 
-def _hidden(model: Llama, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,
-            packing: Packing | None = None) -> torch.Tensor:
-    """The decoder stack on ids (B, T) with rope tables and mask already made: final normed hidden (B, T, H)."""
-    x = model.model.embed_tokens(ids)
-    for block in model.model.layers:
-        x = block(x, cos, sin, mask, cache, packing)
-    return model.model.norm(x)
-
-
 @torch.inference_mode()
 def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_size: int = 16,
                      max_new_tokens: int | Sequence[int] = 100, stop_ids: Sequence[int] = (), pad_id: int = 0,
@@ -195,10 +189,6 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
     slots = min(batch_size, len(waiting))
     max_len = max(len(prompts[i]) + limits[i] for i in waiting)
     cache = SlotCache(model.config, slots, max_len, dtype, device)
-    # RoPE angles of every position, once (the same float32 products rope_cos_sin forms per call)
-    cos_table, sin_table = rope_cos_sin(rope_inv_freq(model.config, device),
-                                        torch.arange(max_len, device=device)[None], dtype)
-    cos_table, sin_table = cos_table[0], sin_table[0]                         # (max_len, hd)
     stops = set(stop_ids)
     row_of: list[int] = [-1] * slots       # prompt index held by each slot (-1: free)
     pos: list[int] = [0] * slots           # per slot: where its next fed token goes (= tokens cached)
@@ -230,10 +220,7 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
             packing = Packing([len(prompts[i]) - p for i, p in zip(new, past)], device, past=past)
             ids = torch.cat([torch.as_tensor(prompts[i][p:], dtype=torch.long) for i, p in zip(new, past)])[None]
             cache.prefill(free, packing)
-            hidden = _hidden(model, ids.to(device), cos_table[packing.position][None], sin_table[packing.position][None],
-                             None, cache, packing)                            # (1, N, H)
-            last = hidden[0, torch.tensor([b - 1 for _, b in packing.spans], device=device)]   # (len(new), H)
-            first = model.lm_head(last).argmax(-1)                            # (len(new),)
+            first = model(ids.to(device), packing=packing, cache=cache, last_only=True).argmax(-1)   # (len(new),)
             tokens[torch.tensor(free, device=device)] = first
             cache.keep(free[-1], prompts[new[-1]])
             occupied = max(occupied, max(free) + 1)
@@ -263,8 +250,8 @@ def generate_batched(model: Llama, prompts: Sequence[Sequence[int]], *, batch_si
         if min(pos[:m]) < span - 1:
             mask = (torch.arange(span, device=device)[None, :] <= at[:, None])[:, None, None, :]   # (m, 1, 1, span)
         cache.decode(m, at, span)
-        hidden = _hidden(model, tokens[:m, None], cos_table[at][:, None], sin_table[at][:, None], mask, cache)
-        tokens[:m] = model.lm_head(hidden[:, -1]).argmax(-1)
+        tokens[:m] = model(tokens[:m, None], position_ids=at[:, None], attention_mask=mask, cache=cache,
+                           last_only=True).argmax(-1)
         for s, t in enumerate(tokens[:m].tolist()):
             pos[s] += 1
             take(s, t)
@@ -294,9 +281,7 @@ def next_token_logprobs(model: Llama, prompts: Sequence[Sequence[int]], token_id
         chosen = order[start:start + batch_size]
         lengths = [len(prompts[i]) for i in chosen]
         ids = torch.tensor([t for i in chosen for t in prompts[i]], device=device)[None]         # (1, N)
-        hidden = model(ids, packing=Packing(lengths, device=device), return_hidden=True)[0]      # (N, hidden)
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1                              # (B,)
-        logits = model.lm_head(hidden[last]).float()                                           # (B, vocab)
+        logits = model(ids, packing=Packing(lengths, device=device), last_only=True).float()   # (B, vocab)
         out[chosen] = torch.log_softmax(logits, dim=-1)[:, columns].cpu()
         if bar is not None:
             bar.update(len(chosen))

@@ -25,7 +25,9 @@ import torch
 
 from .config import PRESETS, ModelConfig
 from .llama import rope_inv_freq
-from .tokenizer import _GGUF_CONTROL, _GGUF_PRE_TOKENIZERS, _GGUF_USER_DEFINED, Tokenizer
+# tokenizer.py reads tokenizer.ggml.* itself, so the GGUF readers and llama.cpp's token names live there
+from .tokenizer import (GGUF_CONTROL, GGUF_NORMAL, GGUF_PRE_TOKENIZERS, GGUF_UNUSED, GGUF_USER_DEFINED, Tokenizer,
+                        gguf_field, open_gguf)
 
 # GGUF tensor name (after "blk.{i}.") -> hub name (after "model.layers.{i}.")
 _LAYER_NAMES = {
@@ -39,7 +41,6 @@ _HUB_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HUB_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # --gguf-quant name -> (type of 2-D weights, general.file_type): llama_ftype ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 GGUF_QUANTS = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7)}
-_NORMAL, _UNUSED = 1, 5  # llama.cpp token types (control and user-defined: see tokenizer.py)
 
 
 class NonFiniteError(ValueError):
@@ -68,36 +69,6 @@ def _hub_name(name: str) -> str:
     if base not in _TOP_NAMES:
         raise ValueError(f"GGUF tensor {name} has no Llama counterpart")
     return f"{_TOP_NAMES[base]}.{suffix}"
-
-
-def open_gguf(path):
-    """A gguf.GGUFReader over `path`; a file that is not GGUF, or is cut short, is a ValueError naming it."""
-    import gguf
-
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file ({size} bytes that do not start with the bytes 'GGUF')")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:   # the reader fails with IndexError, ValueError ("cannot reshape"), struct errors ...
-        raise ValueError(f"{path}: truncated or damaged GGUF file ({size} bytes; reading it stopped at "
-                         f"{type(e).__name__}: {e}); download it again") from None
-
-
-def gguf_field(reader, path, key: str, kind=None, default=...):
-    """The value of metadata `key`; missing (with no default) or of the wrong kind is a ValueError naming it."""
-    if key not in reader.fields:
-        if default is ...:
-            raise ValueError(f"{path}: GGUF metadata {key} is missing")
-        return default
-    try:
-        value = reader.fields[key].contents()
-        return value if kind is None else kind(value)
-    except (TypeError, ValueError, IndexError) as e:
-        raise ValueError(f"{path}: GGUF metadata {key} is not {getattr(kind, '__name__', 'readable')} ({e})") from None
 
 
 def _gguf_name(name: str) -> str:
@@ -205,7 +176,7 @@ def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str:
         raise ValueError("the tokenizer has no pre-tokenizer: llama.cpp's byte-level BPE needs one")
     pieces = [p for p, _ in own.pre_tokenize_str(_PROBE)]
     for name in ("smollm", "llama-bpe", "gpt-2"):
-        if [p for p, _ in _GGUF_PRE_TOKENIZERS[name]().pre_tokenize_str(_PROBE)] == pieces:
+        if [p for p, _ in GGUF_PRE_TOKENIZERS[name]().pre_tokenize_str(_PROBE)] == pieces:
             return name
     raise ValueError("the tokenizer's pre-tokenizer is none of those llama.cpp knows here (smollm, llama-bpe, gpt-2)")
 
@@ -227,10 +198,10 @@ def _tokenizer_fields(tokenizer: Tokenizer, vocab_size: int) -> dict:
     for i in range(vocab_size):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
-            types.append(_UNUSED)
+            types.append(GGUF_UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append((_GGUF_CONTROL if added[i].special else _GGUF_USER_DEFINED) if i in added else _NORMAL)
+            types.append((GGUF_CONTROL if added[i].special else GGUF_USER_DEFINED) if i in added else GGUF_NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return {"tokens": tokens, "types": types, "merges": merges, "pre": gguf_pre_tokenizer(tokenizer)}
 

@@ -14,9 +14,11 @@ state dict loads as it is. Conventions, each matching transformers' `LlamaForCau
 
 Padding is handled by position, never by token id: `attention_mask` (batch, time) marks the real
 tokens, and `position_ids` count only those. Generation uses `KVCache`, a preallocated cache that
-all rows of a batch fill in step. Training runs padding-free (`Packing`): the rows of a micro-batch
-are laid end to end as one sequence, so every linear layer multiplies real tokens only, and attention
-runs row by row, each row causal over its own tokens (sum of L_b^2 work, not rows * longest^2).
+all rows of a batch fill in step (or generate.py's `SlotCache`, through the same `Llama.forward`).
+Training runs padding-free (`Packing`): the rows of a micro-batch are laid end to end as one sequence,
+so every linear layer multiplies real tokens only, and attention runs row by row, each row causal over
+its own tokens (sum of L_b^2 work, not rows * longest^2). The RoPE cos/sin of positions 0..n-1 are
+computed once per device and dtype (`Llama.rope_table`); a forward picks its positions' rows.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class KVCache(nn.Module):
     """Preallocated keys and values for every layer: (layers, B, n_kv, max_len, hd) each.
 
     `length` is how many positions are filled; every row of the batch advances together
-    (left-padded prompts keep their padding masked through `attention_mask`).
+    (left-padded prompts keep their padding masked through `attention_mask`). `Llama.forward` advances it.
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype, device):
@@ -147,13 +149,13 @@ class KVCache(nn.Module):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.length = 0
+        self.max_len, self.length = max_len, 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv, T, hd) at the current length; return all filled keys and values."""
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache holds {self.k.shape[3]} positions; {end} were asked for")
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -233,6 +235,8 @@ class Llama(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward (non-reentrant)
+        self.rope_tables: dict = {}          # (device, dtype) -> cos, sin (positions, head_dim): see rope_table
+        self.rope_settings = None            # the config's RoPE settings those tables were made for
         self.tie_weights()
 
     def tie_weights(self):
@@ -240,31 +244,64 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                packing: Packing | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states (B, T, hidden).
+    def rope_table(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions 0..n-1, n >= length, (n, head_dim) each: rope_cos_sin's values bit for bit.
 
-        attention_mask (B, S): True/1 for real tokens over every position seen so far (the cache's
-        and these T); needed only when a batch holds padding that later tokens must not see.
-        position_ids (B, T): defaults to the positions after what the cache holds.
-        packing: input_ids (1, N) holds packing.rows rows end to end (training, no cache, no mask);
-        the output is (1, N, .), each row's positions counted from 0.
+        Computed once per device and dtype, again for a longer length, and afresh once the config's RoPE
+        settings (head_dim, rope_theta, rope_scaling) are edited. A plain dict holds them, not buffers:
+        state_dict (and so every export) never sees them, and `.to()` leaves them be (a model moved to
+        another device or dtype makes its own there).
         """
+        settings = (self.config.head_dim, self.config.rope_theta, repr(self.config.rope_scaling))
+        if settings != self.rope_settings:
+            self.rope_tables, self.rope_settings = {}, settings
+        table = self.rope_tables.get((device, dtype))
+        if table is None or table[0].shape[0] < length:
+            with torch.inference_mode(False), torch.no_grad():   # made while generating, still usable in training
+                positions = torch.arange(length, device=device)[None]                 # (1, length)
+                cos, sin = rope_cos_sin(rope_inv_freq(self.config, device), positions, dtype)
+            table = self.rope_tables[(device, dtype)] = (cos[0], sin[0])          # (length, hd) each
+        return table
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache=None, packing: Packing | None = None,
+                return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab); return_hidden: the final normed hidden states (B, T, hidden)
+        instead; last_only: the logits of each row's last token, (B, vocab), the head run on those alone.
+
+        position_ids (B, T): each token's position in its sequence, so below the cache's max_len (below T
+        without a cache); defaults to the positions after what a KVCache holds.
+        attention_mask: (B, S) True/1 for real tokens over every position seen so far (the cache's and
+        these T), needed only when a batch holds padding that later tokens must not see; or a boolean
+        (B, 1, T, S), the keys each query sees, used as it is.
+        cache: a KVCache (these tokens follow its `length`, which the forward advances by T), or a cache
+        whose rows the caller places itself (generate.py's SlotCache, with position_ids and a (B, 1, T, S)
+        mask, or with packing). Each layer stores its keys and values with cache.update(layer, k, v), which
+        returns those to attend to.
+        packing: input_ids (1, N) holds packing.rows rows end to end (no KVCache, attention_mask or
+        position_ids), each row's positions counted from its packing.past; the output is (1, N, .), and
+        (packing.rows, vocab) with last_only.
+        """
+        if return_hidden and last_only:
+            raise ValueError("return_hidden and last_only exclude each other")
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        past = cache.length if isinstance(cache, KVCache) else 0
         if packing is not None:
-            if cache is not None or attention_mask is not None or position_ids is not None or B != 1:
-                raise ValueError("packing takes input_ids (1, N) alone: no cache, attention_mask or position_ids")
+            if isinstance(cache, KVCache) or attention_mask is not None or position_ids is not None or B != 1:
+                raise ValueError("packing takes input_ids (1, N) alone: no KVCache, attention_mask or position_ids")
             if T != packing.tokens:
                 raise ValueError(f"packing holds {packing.tokens} tokens, input_ids {T}")
-            position_ids = packing.position.to(input_ids.device)[None]          # (1, N): each row from 0
+            position_ids = packing.position.to(input_ids.device)[None]          # (1, N): each row from its past
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)
-        mask = None
-        if attention_mask is not None or past > 0:
+        # every position is below its sequence's length: the cache's max_len, else the rows' own lengths
+        # (and past + T: a KVCache asked for more than it holds then fails in its update, saying so)
+        limit = cache.max_len if cache is not None else max(packing.key_lengths) if packing is not None else T
+        cos_table, sin_table = self.rope_table(max(limit, past + T), x.device, x.dtype)
+        cos, sin = cos_table[position_ids], sin_table[position_ids]              # (B, T, hd) each
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+        if mask is None and (attention_mask is not None or past > 0):
             # (B, 1, T, S) boolean: causal, and only real keys; each query also sees itself so that
             # rows of pure padding stay finite (their outputs are never used).
             S = past + T
@@ -278,10 +315,16 @@ class Llama(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, cache, packing, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, packing)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += T
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        if last_only and packing is not None:
+            x = x[0, torch.tensor([end - 1 for _, end in packing.spans], device=x.device)]   # (rows, hidden)
+        elif last_only:
+            x = x[:, -1]                                                         # (B, hidden)
+        return self.lm_head(x)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

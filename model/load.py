@@ -1,5 +1,6 @@
 """load_model(source) -> (Llama, Tokenizer), from an alias, a hub id, a hub-layout folder or a .gguf file;
-load_tokenizer(source) -> Tokenizer, from the same sources without the weights.
+load_tokenizer(source) -> Tokenizer, from the same sources without the weights; source_kind(source): which of
+those a source names (the one answer to "a local path or a hub id?").
 
 Only safetensors and GGUF are read: never pickle, never remote code. The network is built on the
 meta device and the checkpoint's tensors are assigned into it, so weights are never held twice;
@@ -32,21 +33,58 @@ HUB_FILES = TOKENIZER_FILES + ["model.safetensors", "model-*.safetensors", "mode
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def resolve_source(source: str | Path, files: list[str] = HUB_FILES) -> tuple[str, Path]:
-    """('gguf' | 'dir', local path): a .gguf file or folder as given, else the `files` of an alias or hub id
-    downloaded (HubError, one sentence, when the hub cannot provide them)."""
+LOCAL_KINDS = ("gguf", "folder", "path")   # the source_kind()s that name something on this machine
+
+
+def source_kind(source: str | Path) -> str:
+    """What a model source names: the one answer to "a local path or a hub id?" (first rule that holds):
+        gguf     a name ending in .gguf: a GGUF file (which may not exist)
+        folder   an existing folder (a folder spelled like an alias or a hub id is the folder)
+        alias    one of PRESETS
+        path     any other local path: an existing file, or a name spelled as a path (starting with '.', '/'
+                 or '~', or holding more than one '/': a hub id has exactly one) where nothing is
+        hub      org/name: a hub id
+        unknown  anything else (a name without '/' that is no alias)"""
     text = str(source)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
+        return "gguf"
+    if path.is_dir():
+        return "folder"
+    if text in PRESETS:
+        return "alias"
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return "path"
+    if text.count("/") == 1 and all(text.split("/")):
+        return "hub"
+    return "unknown"
+
+
+def source_name(source: str | Path) -> str:
+    """A model source's own name: an alias as it is; a local file or folder's name, of the resolved path (so
+    `..` names the folder it points to), without .gguf; a hub id's name part (org/NAME)."""
+    text = str(source)
+    if source_kind(text) == "alias":
+        return text
+    path = Path(text).expanduser()
+    name = path.resolve().name if path.exists() else Path(text.rstrip("/")).name
+    return name.removesuffix(".gguf")
+
+
+def resolve_source(source: str | Path, files: list[str] = HUB_FILES) -> tuple[str, Path]:
+    """('gguf' | 'dir', local path): a .gguf file or folder as given, else the `files` of an alias or hub id
+    downloaded (HubError, one sentence, when the hub cannot provide them). Which it is: source_kind."""
+    text = str(source)
+    path = Path(text).expanduser()
+    kind = source_kind(text)
+    if kind == "gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {text} does not exist")
         return "gguf", path
-    if path.is_dir():
+    if kind == "folder":
         return "dir", path
-    if text in PRESETS:
-        return "dir", download(PRESETS[text][0], files)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        return "dir", download(text, files)
+    if kind in ("alias", "hub"):
+        return "dir", download(PRESETS[text][0] if kind == "alias" else text, files)
     raise ValueError(f"model {text!r} is not a local folder, a .gguf file, a hub id (org/name) or a known alias; "
                      f"valid aliases: {', '.join(PRESETS)}")
 

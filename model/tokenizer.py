@@ -4,7 +4,8 @@ BOS is added in exactly one place, `encode(text, bos=True)`, and only when the c
 says every sequence starts with BOS (`add_bos`). The library's own post-processor (which for
 Llama 3 inserts `<|begin_of_text|>`) is never run: `encode` always passes `add_special_tokens=False`.
 EOS, pad, BOS and the chat template are read from the checkpoint's files (tokenizer_config.json,
-config.json, generation_config.json) or from a GGUF file's `tokenizer.ggml.*` metadata.
+config.json, generation_config.json) or from a GGUF file's `tokenizer.ggml.*` metadata: the GGUF
+readers (`open_gguf`, `gguf_field`) and llama.cpp's tokenizer names are here, and gguf.py imports them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .config import read_json_object
 # llama.cpp's pre-tokenizer names -> how the text is split before byte-level BPE.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GGUF_PRE_TOKENIZERS = {
+GGUF_PRE_TOKENIZERS = {
     # SmolLM / SmolLM2 (as in their tokenizer.json): each digit alone, then GPT-2's byte-level split.
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
@@ -30,9 +31,40 @@ _GGUF_PRE_TOKENIZERS = {
     "llama-bpe": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
-_GGUF_PRE_TOKENIZERS["llama3"] = _GGUF_PRE_TOKENIZERS["llama-v3"] = _GGUF_PRE_TOKENIZERS["llama-bpe"]
-_GGUF_PRE_TOKENIZERS["gpt-2"] = _GGUF_PRE_TOKENIZERS["gpt2"]  # llama.cpp's spelling of GPT-2's split
-_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types that are special tokens
+GGUF_PRE_TOKENIZERS["llama3"] = GGUF_PRE_TOKENIZERS["llama-v3"] = GGUF_PRE_TOKENIZERS["llama-bpe"]
+GGUF_PRE_TOKENIZERS["gpt-2"] = GGUF_PRE_TOKENIZERS["gpt2"]  # llama.cpp's spelling of GPT-2's split
+# llama.cpp token types; control and user-defined ones are special tokens
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5
+
+
+def open_gguf(path):
+    """A gguf.GGUFReader over `path`; a file that is not GGUF, or is cut short, is a ValueError naming it."""
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file ({size} bytes that do not start with the bytes 'GGUF')")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:   # the reader fails with IndexError, ValueError ("cannot reshape"), struct errors ...
+        raise ValueError(f"{path}: truncated or damaged GGUF file ({size} bytes; reading it stopped at "
+                         f"{type(e).__name__}: {e}); download it again") from None
+
+
+def gguf_field(reader, path, key: str, kind=None, default=...):
+    """The value of metadata `key`; missing (with no default) or of the wrong kind is a ValueError naming it."""
+    if key not in reader.fields:
+        if default is ...:
+            raise ValueError(f"{path}: GGUF metadata {key} is missing")
+        return default
+    try:
+        value = reader.fields[key].contents()
+        return value if kind is None else kind(value)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: GGUF metadata {key} is not {getattr(kind, '__name__', 'readable')} ({e})") from None
 
 
 def _token_text(value) -> str | None:
@@ -157,8 +189,6 @@ class Tokenizer:
         """Rebuild the byte-level BPE of a GGUF file (a path or a `gguf.GGUFReader`) from its metadata."""
         import gguf
 
-        from .gguf import gguf_field, open_gguf
-
         if not isinstance(reader, gguf.GGUFReader):
             source = reader if source is None else source
             reader = open_gguf(reader)
@@ -172,18 +202,18 @@ class Tokenizer:
                 not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
             raise ValueError(f"{source}: GGUF metadata tokenizer.ggml.tokens / tokenizer.ggml.merges are not lists "
                              "of strings ('a b' merges)")
-        types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+        types = field("tokenizer.ggml.token_type", [GGUF_NORMAL] * len(tokens))
         vocab = {t: i for i, t in enumerate(tokens)}
         tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
                                      ignore_merges=False))
         pre = field("tokenizer.ggml.pre", "default")
-        if pre not in _GGUF_PRE_TOKENIZERS:
+        if pre not in GGUF_PRE_TOKENIZERS:
             raise ValueError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
-                             f"({', '.join(_GGUF_PRE_TOKENIZERS)})")
-        tok.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
+                             f"({', '.join(GGUF_PRE_TOKENIZERS)})")
+        tok.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)])
+                                for t, ty in zip(tokens, types) if ty in (GGUF_CONTROL, GGUF_USER_DEFINED)])
         bos_id, eos_id = field("tokenizer.ggml.bos_token_id", None), field("tokenizer.ggml.eos_token_id")
         # end-of-turn and end-of-message tokens (Llama 3's <|eot_id|>, <|eom_id|>) stop generation too
         stops = [field(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in reader.fields]

@@ -169,22 +169,19 @@ def test_resume_refuses_other_validation_rows(tiny_dir, rows_file, one_step_run,
 @pytest.mark.parametrize("native", [True, False])
 def test_a_bf16_record_gives_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, capsys, native):
     """An adapter trained in bf16, evaluated with --dtype left at auto on a CPU: bf16 where the CPU multiplies
-    bf16 natively; elsewhere fp32 with one note line (emulated bf16 is several times slower than fp32)."""
-    import argparse
-
-    import cli
+    bf16 natively; elsewhere fp32, the choice's one line saying why (emulated bf16 is several times slower)."""
     import model.cpu
+    from lora.base import choose_base
 
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))
     (tmp_path / "base.json").write_text(json.dumps({
         "base_model": None, "base_checkpoint": None, "base_fingerprint": None, "compute_dtype": "bfloat16",
         "quantization": {"method": "nf4", "double_quantization": True, "blocksize": 64, "quantized_from": "bfloat16"}}))
     monkeypatch.setattr(model.cpu, "cpu_native_bf16", lambda flags=None: native)
-    args = argparse.Namespace(adapter=str(tmp_path), model="some-model", quant=None, dtype="auto", device="cpu")
-    cli.adapter_defaults(args, dtype=True)
-    err = capsys.readouterr().err
-    assert args.quant == "nf4"
+    base = choose_base("some-model", None, "auto", "cpu", str(tmp_path))
+    assert base.quant == "nf4" and capsys.readouterr().err == ""
     if native:
-        assert args.dtype == "bf16" and err == ""
+        assert base.dtype == torch.bfloat16 and base.line().count("as trained") == 2
     else:
-        assert args.dtype == "auto" and cli.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
-        assert err.count("\n") == 1 and "no native bf16" in err and "float32" in err
+        assert base.dtype == torch.float32 and base.dtype_name == "float32"
+        assert "float32 compute (trained in bfloat16; this CPU has no native bf16" in base.line()

@@ -237,6 +237,41 @@ def test_train_holds_out_unsplit_rows_and_writes_the_usual_run(color_run):
         assert (run / name).exists(), name
 
 
+def test_init_adapter_starts_from_the_adapters_weights(color_run, tiny_dir, capsys):
+    """--init-adapter: step 0's validation loss is the adapter's own last one (the same rows, the same weights), not the
+    fresh init's; other r, another base's adapter and a resume with another initial adapter are refused."""
+    from safetensors.torch import load_file
+    work, rows, _ = color_run
+    run, more = work / "run", work / "more"
+    flags = ("--tasks", "color_extraction", "--max-steps", "1", "--eval-every", "1")
+    assert train.main(train_args(tiny_dir, rows, more, *flags, "--init-adapter", str(run / "adapter"))) == 0
+    first = [json.loads(line) for line in (more / "val_log.jsonl").read_text().splitlines()][0]
+    last = [json.loads(line) for line in (run / "val_log.jsonl").read_text().splitlines()][-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], rel=1e-4)
+    config = json.loads((more / "config.json").read_text())
+    assert len(config["init_adapter_sha256"]) == 16
+    moved = load_file(str(more / "adapter" / "adapter_model.safetensors"))
+    assert moved.keys() == load_file(str(run / "adapter" / "adapter_model.safetensors")).keys()
+
+    with pytest.raises(SystemExit):   # r differs from the adapter's
+        train.main(train_args(tiny_dir, rows, work / "r8", *flags, "--init-adapter", str(run / "adapter"),
+                              "--lora-r", "8"))
+    assert "its r is 16, this run's --lora-r is 8" in capsys.readouterr().err
+    other = work / "other-adapter"   # the same adapter, recorded as trained on another base
+    other.mkdir()
+    for f in (run / "adapter").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    base = json.loads((other / "base.json").read_text())
+    (other / "base.json").write_text(json.dumps(base | {"base_fingerprint": "0" * 16}))
+    with pytest.raises(SystemExit):
+        train.main(train_args(tiny_dir, rows, work / "other", *flags, "--init-adapter", str(other)))
+    assert "trained on another base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # resuming `more` from the other adapter's weights is another run
+        train.main(train_args(tiny_dir, rows, more, *flags, "--init-adapter", str(work / "more" / "adapter"),
+                              "--resume", "auto"))
+    assert "--init-adapter" in capsys.readouterr().err
+
+
 def test_dry_run_shows_a_rendered_custom_row(color_run, tiny_dir, capsys):
     work, rows, _ = color_run
     assert train.main(train_args(tiny_dir, rows, work / "dry", "--tasks", "color_extraction", "--dry-run")) == 0

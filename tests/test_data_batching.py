@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data import collate, pack, padding_stats, plan_epoch
-from data.batching import pack_by_length, round_up
+from data import collate, pack, plan_epoch, plan_stats
+from data.batching import pack_by_length
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=3000), min_size=0, max_size=400)
 
@@ -25,11 +25,9 @@ def test_every_row_exactly_once_and_within_budget(lengths, seqs_per_step, max_to
     for step in plan:
         for micro in step:
             assert micro, "empty micro-batch"
-            padded = len(micro) * round_up(max(lengths[i] for i in micro), 8)
-            assert padded <= max_tokens or len(micro) == 1
-        # grouped by length: every row of a micro-batch is at least as long as every row of the next
-        for a, b in zip(step, step[1:]):
-            assert min(lengths[i] for i in a) >= max(lengths[i] for i in b)
+            assert sum(lengths[i] for i in micro) <= max_tokens or len(micro) == 1
+        # the step's longest row is in its first micro-batch (an out-of-memory shows there first)
+        assert max(lengths[i] for i in step[0]) == max(lengths[i] for m in step for i in m)
 
 
 def test_same_seed_same_order_and_resume_mid_epoch():
@@ -59,13 +57,16 @@ def test_a_row_longer_than_the_budget_gets_its_own_micro_batch():
     assert plan[0][0] == [0] and sorted(plan[0][1]) == [1, 2, 3]
 
 
-def test_batch_overhead_trades_padding_for_micro_batches():
-    lengths = [100, 120, 300, 310, 900, 1000, 40, 64]
-    rows = list(range(len(lengths)))
-    fewest = pack_by_length(rows, lengths, max_tokens=1 << 20, batch_overhead=10**9)
-    assert len(fewest) == 1
-    each = pack_by_length(rows, lengths, max_tokens=1 << 20, batch_overhead=0)
-    assert padding_stats(lengths, [each])["padded_tokens"] == sum(round_up(n, 8) for n in lengths)
+def test_first_fit_decreasing_fills_micro_batches():
+    """Rows go to the first micro-batch with room, longest first: no two micro-batches could be merged, and the
+    example's 8 rows (3,100 tokens) get 4 micro-batches of at most 1024 real tokens, the fewest possible."""
+    lengths = [100, 120, 300, 310, 900, 1000, 240, 130]
+    micro = pack_by_length(range(len(lengths)), lengths, max_tokens=1024)
+    assert micro == [[5], [4, 1], [3, 2, 6, 7], [0]]
+    sums = [sum(lengths[i] for i in m) for m in micro]
+    assert all(a + b > 1024 for i, a in enumerate(sums) for b in sums[i + 1:])
+    stats = plan_stats(lengths, [micro], max_tokens=1024)
+    assert stats["micro_batches"] == 4 and stats["tokens"] == 3100 and stats["fill"] == pytest.approx(3100 / 4096)
 
 
 def test_collate_pads_right_to_a_multiple_of_8():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import generate, generate_batched, load_model
+from model import generate, generate_batched, load_model, next_token_logprobs
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "ecinstruct_sample.jsonl"
 
@@ -107,6 +107,27 @@ def test_shared_prefixes_are_copied_not_recomputed(tiny, batch_size):
     # decode steps feed each row's new tokens but its first (from the prefill): at least len(e) - 1 a row
     prefilled_at_most = sum(computed) - sum(len(e) - 1 for e in expected)
     assert prefilled_at_most <= sum(map(len, prompts)) - 10 * len(head), (prefilled_at_most, sum(map(len, prompts)))
+
+
+def test_every_token_goes_through_the_models_forward(tiny):
+    """One layer loop: what generate, generate_batched (prefill and decode) and next_token_logprobs feed the
+    network enters through Llama.forward, with the head on each row's last token only."""
+    model, tokenizer = tiny
+    prompts = fixed_prompts(tokenizer, model.config.vocab_size, n=9)
+    through_forward, embedded, head_rows = [], [], []
+    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: through_forward.append(args[0].numel()),
+                                             with_kwargs=True),
+             model.model.embed_tokens.register_forward_hook(lambda m, args, out: embedded.append(args[0].numel())),
+             model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))]
+    try:
+        generate_batched(model, prompts, batch_size=4, max_new_tokens=6)
+        generate(model, prompts[:4], max_new_tokens=6)
+        next_token_logprobs(model, prompts, [3, 4], batch_size=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert embedded and through_forward == embedded
+    assert sum(head_rows) < sum(embedded) // 2   # prompts' tokens but the last never reach the head
 
 
 def test_tiny_padding_id_does_not_matter(tiny):

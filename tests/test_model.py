@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from model import PRESETS, Llama, ModelConfig, count_parameters, load_model
-from tiny import write_tiny_model
+from model import PRESETS, Llama, ModelConfig, Packing, count_parameters, load_model
+from model.llama import rope_cos_sin, rope_inv_freq
+from tiny import TINY, write_tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,6 +58,97 @@ def test_padded_batch_matches_unpadded_rows(tiny_dir):
         for i, r in enumerate(rows):
             alone = model(r[None])
             assert torch.allclose(batched[i, T - len(r):], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "llama3-rope", "explicit-head-dim"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_table_rows_are_rope_cos_sin_bit_for_bit(variant, dtype):
+    """Rows of the cached table, picked by position, equal rope_cos_sin on those positions, for the shapes a
+    forward gives (a batch, expanded aranges, packed rows with a past, one decode position per row)."""
+    model = Llama(ModelConfig(**{**TINY, **VARIANTS[variant]}))
+    inv_freq = rope_inv_freq(model.config)
+    positions = [torch.arange(300).expand(3, 300), torch.randint(0, 300, (5, 17)), torch.tensor([[299], [0], [7]]),
+                 Packing([5, 40, 1, 24], past=[0, 3, 250, 11]).position[None]]
+    for length in (40, 300, 10, 1000):   # grows, then serves shorter asks from the longer table
+        cos_table, sin_table = model.rope_table(length, torch.device("cpu"), dtype)
+        assert cos_table.shape[0] >= length and cos_table.dtype == dtype
+        for pos in positions:
+            pos = pos.clamp(max=length - 1)
+            cos, sin = rope_cos_sin(inv_freq, pos, dtype)
+            assert torch.equal(cos_table[pos], cos) and torch.equal(sin_table[pos], sin)
+
+
+def test_rope_table_made_once_and_outside_state_dict(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 384, (2, 30))
+    with torch.no_grad():
+        model(ids)
+        table = model.rope_tables[(torch.device("cpu"), torch.float32)]
+        model(ids[:, :20])
+        model(ids[:1], packing=Packing([10, 20]))
+        assert model.rope_tables[(torch.device("cpu"), torch.float32)] is table   # reused, not made again
+        assert set(model.state_dict()) == keys and not list(model.buffers())
+        model.to(torch.bfloat16)   # .to() casts no table: the bfloat16 forward makes its own
+        model(ids)
+    assert table[0].dtype == torch.float32 and set(model.state_dict()) == keys
+    assert model.rope_tables[(torch.device("cpu"), torch.bfloat16)][0].dtype == torch.bfloat16
+    with torch.device("meta"):
+        assert Llama(model.config).rope_tables == {}
+
+
+def test_rope_table_follows_an_edited_config(tiny_dir):
+    """Editing the config's RoPE settings after a forward takes effect at the next forward."""
+    model, _ = load_model(tiny_dir)
+    ids = torch.randint(0, 384, (1, 200))
+    with torch.no_grad():
+        before = model(ids)
+        model.config.rope_scaling = {"rope_type": "linear", "factor": 4.0}
+        scaled = model(ids)
+        model.config.rope_scaling = None
+        assert not torch.equal(scaled, before) and torch.equal(model(ids), before)
+        cos, _ = model.rope_table(200, torch.device("cpu"), torch.float32)
+        model.config.rope_theta = 500000.0
+        assert torch.equal(model.rope_table(200, torch.device("cpu"), torch.float32)[0],
+                           rope_cos_sin(rope_inv_freq(model.config), torch.arange(200)[None], torch.float32)[0][0])
+        assert not torch.equal(model.rope_table(200, torch.device("cpu"), torch.float32)[0], cos)
+
+
+def test_rope_table_made_while_generating_serves_training(tiny_dir):
+    """A table first made under inference_mode (generation) is a normal tensor: a training step can use it."""
+    from model import generate_batched
+
+    model, _ = load_model(tiny_dir)
+    generate_batched(model, [[5, 6, 7], [8]], max_new_tokens=40)
+    model.train()
+    model.gradient_checkpointing = True
+    hidden = model(torch.randint(0, 384, (1, 30)), packing=Packing([12, 18]), return_hidden=True)
+    hidden.square().mean().backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_last_only_is_the_head_on_each_rows_last_token(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    ids = torch.randint(0, 384, (3, 9))
+    packed, packing = torch.randint(0, 384, (1, 15)), Packing([4, 1, 10])
+    with torch.no_grad():
+        assert torch.equal(model(ids, last_only=True), model.lm_head(model(ids, return_hidden=True)[:, -1]))
+        last = torch.tensor([3, 4, 14])
+        expected = model.lm_head(model(packed, packing=packing, return_hidden=True)[0, last])
+        assert torch.equal(model(packed, packing=packing, last_only=True), expected)   # (rows, vocab)
+    with pytest.raises(ValueError, match="exclude each other"):
+        model(ids, return_hidden=True, last_only=True)
+
+
+def test_tokenizer_never_imports_gguf():
+    """The import goes one way: model.gguf uses model.tokenizer's GGUF readers and names, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "model" / "tokenizer.py").read_text()
+    imported = [("." * node.level) + (node.module or "") for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom)]
+    assert ".gguf" not in imported and "model.gguf" not in imported, imported
 
 
 def test_tied_head_is_one_parameter(tiny_dir):

@@ -146,7 +146,7 @@ class DiskFiller:
 
     def __init__(self, monkeypatch, fail_at: int):
         self.calls, self.fail_at = 0, fail_at
-        for module, name in ((outdir, "fsync_dir"), (run_folder, "fsync_dir"), (run_folder, "fsync_tree"),
+        for module, name in ((outdir, "fsync_path"), (run_folder, "fsync_tree"),
                              (run_folder, "open_append")):
             monkeypatch.setattr(module, name, self.wrap(getattr(module, name)))
 

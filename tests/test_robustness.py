@@ -38,6 +38,7 @@ from data import DEFAULT_SAMPLE, DataError, load_rows
 from lora import apply_lora, load_adapter, lora_layers, save_adapter
 from model import load_model
 from test_train import base_args, losses, run_error, write_rows
+from watch import DivergenceWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 IND = "IND_Diverse_Instruction"
@@ -191,7 +192,7 @@ def test_a_loss_frozen_at_ln_vocab_with_zero_gradient_stops(tiny_dir, rows_file,
 
 
 def test_a_loss_far_above_its_start_for_the_stated_steps_stops():
-    watch = train.DivergenceWatch(factor=3.0, patience=4, vocab_size=384)
+    watch = DivergenceWatch(factor=3.0, patience=4, vocab_size=384)
     assert [watch.check(s, 2.0, 1.0) for s in (1, 2, 3)] == [None] * 3
     assert [watch.check(s, 50.0, 1.0) for s in (4, 5, 6)] == [None] * 3 and watch.suspect_from == 3
     assert "above 3 x its start (2.0000) for 4 steps in a row" in watch.check(7, 50.0, 1.0)

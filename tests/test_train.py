@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import train
 from run_folder import list_checkpoints
-from data import collate, pack
+from data import collate, pack, parse_tasks
 from lora import apply_lora, load_adapter
 from metrics.tasks import TASKS
 from model import load_model
@@ -353,7 +353,7 @@ def test_bad_flags_exit_2_with_a_message(tiny_dir, rows_file, tmp_path, capsys, 
 # ---- the cheap modes --------------------------------------------------------------------------------
 
 def test_dry_run_loads_no_weights(tiny_dir, rows_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("--dry-run loaded the weights"))
+    monkeypatch.setattr(train, "load_base", lambda *a, **k: pytest.fail("--dry-run loaded the weights"))
     assert train.main(base_args(tiny_dir, rows_file, tmp_path / "run", "--dry-run")) == 0
     out = capsys.readouterr().out
     assert "Attribute_Value_Extraction" in out and "p90" in out and "steps: 3 per epoch, 9 in all" in out
@@ -422,3 +422,42 @@ def test_a_failed_rank_stops_the_others_within_seconds(tiny_dir, rows_file, tmp_
     if launcher == "plain":
         assert "train.py: error: rank 0 stops because rank 1 failed (exit code 1)" in outputs[0][1]
         assert "Traceback" not in outputs[0][1]
+
+
+# ---- the run's recipe in a file ---------------------------------------------------------------------
+
+def test_config_file_round_trip(tmp_path, tiny_dir, capsys):
+    """--print-config > c.json; --config c.json gives the same run as the flags (the same config.json but for --out,
+    the same losses step by step); a flag on the command line overrides the file; tasks have one spelling."""
+    rows = write_rows(tmp_path / "rows.jsonl")
+    flags = base_args(tiny_dir, rows, tmp_path / "flags", "--tasks", "PRP,PM", "--lr", "2e-3", "--max-steps", "2")
+    assert train.main(flags + ["--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "c.json").write_text(printed)
+    assert json.loads(printed)["args"]["tasks"] == ",".join(parse_tasks("PM,PRP"))
+    assert train.main(flags) == 0
+    assert train.main(["--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "file")]) == 0
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("flags", "file"))
+    assert {k: v for k, v in a["args"].items() if k != "out"} == {k: v for k, v in b["args"].items() if k != "out"}
+    assert losses(tmp_path / "flags") == losses(tmp_path / "file") and len(losses(tmp_path / "file")) == 2
+    # PM,PRP written the other way round is the same run: --resume auto continues it
+    again = base_args(tiny_dir, rows, tmp_path / "flags", "--tasks", "pm,Product_Relation_Prediction", "--lr", "2e-3",
+                      "--max-steps", "3", "--resume", "auto")
+    assert train.main(again) == 0 and len(losses(tmp_path / "flags")) == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"lora_rank": 8}', "'lora_rank' is not a train.py flag"),
+    ('{"lora_r": "8"}', "lora_r must be an integer"),
+    ('{"lr": true}', "lr must be a number"),
+    ('{"quant": "int8"}', "quant 'int8' is not one of nf4, none"),
+    ('{"resume": "auto"}', "'resume' is not a train.py flag of the run's recipe"),
+    ('[1, 2]', "expected a JSON object of flags"),
+    ('{"lr": ', "not a readable JSON file"),
+])
+def test_a_bad_config_file_is_named(tmp_path, content, message, capsys):
+    (tmp_path / "c.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--config {tmp_path / 'c.json'}" in err and message in err, err

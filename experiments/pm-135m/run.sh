@@ -6,9 +6,10 @@
 #
 # PATH/TO/ecinstruct holds pm_train_val.jsonl, test_rows_dev.jsonl and ave_train_100.jsonl (real ECInstruct rows).
 # WORKDIR (default runs/pm-135m) receives rows.jsonl, zero-shot/, train/, finetuned/, decision.md.
-# Environment (defaults in brackets): LR [1e-3], EPOCHS [1], BATCH sequences per step [8], ROWS training rows
-# drawn from the train split [all], MULTITASK=1 adds the other tasks' rows, REPORT where report.py writes
-# [experiments/pm-135m/report, or report-multitask], THREADS torch threads [all cores], EVAL_EVERY steps between validations [25],
+# The training recipe is experiments/pm-135m/train.json (train.py --config). Environment (defaults in brackets): LR,
+# EPOCHS, BATCH sequences per step, EVAL_EVERY steps between validations and checkpoints [train.json's], ROWS training
+# rows drawn from the train split [all], MULTITASK=1 adds the other tasks' rows, REPORT where report.py writes
+# [experiments/pm-135m/report, or report-multitask], THREADS torch threads [all cores],
 # ZERO_SHOT=generate evaluates the multi-task run's zero-shot rows again [merge: see merge_metrics.py].
 # Each step is skipped when its output is already there; a stopped training run resumes.
 set -euo pipefail
@@ -16,10 +17,6 @@ cd "$(dirname "$0")/../.."
 SHARED=${1:?usage: run.sh PATH/TO/ecinstruct [WORKDIR]}
 WORK=${2:-runs/pm-135m}
 PY=${PY:-.venv/bin/python}
-LR=${LR:-1e-3}
-EPOCHS=${EPOCHS:-1}
-BATCH=${BATCH:-8}
-EVAL_EVERY=${EVAL_EVERY:-25}
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 GGUF=$($PY -c "from model.gguf import packaged_smollm2; print(packaged_smollm2())")
 SETTINGS=IND_Diverse_Instruction,IND_Single_Instruction,IND_Unseen_Instruction
@@ -53,9 +50,9 @@ DTYPE=fp32
 grep -qw -e amx_bf16 -e avx512_bf16 /proc/cpuinfo 2>/dev/null && DTYPE=bf16
 $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && DTYPE=bf16
 [ -f "$WORK/train/adapter/adapter_model.safetensors" ] || \
-  $PY train.py --model "$GGUF" --dataset "$WORK/rows.jsonl" --tasks "$TASKS" --setting IND_Diverse_Instruction \
-    --quant nf4 --dtype "$DTYPE" --batch-size "$BATCH" --epochs "$EPOCHS" --lr "$LR" ${ROWS:+--max-train-rows "$ROWS"} \
-    --micro-batch-tokens 4096 --val-size 1000 --eval-every "$EVAL_EVERY" --save-every "$EVAL_EVERY" --seed 0 --no-progress --log-every 5 \
+  $PY train.py --config experiments/pm-135m/train.json --model "$GGUF" --dataset "$WORK/rows.jsonl" --tasks "$TASKS" \
+    --dtype "$DTYPE" ${LR:+--lr "$LR"} ${EPOCHS:+--epochs "$EPOCHS"} ${BATCH:+--batch-size "$BATCH"} \
+    ${ROWS:+--max-train-rows "$ROWS"} ${EVAL_EVERY:+--eval-every "$EVAL_EVERY" --save-every "$EVAL_EVERY"} \
     --out "$WORK/train" --resume auto
 
 # The best adapter, on the NF4 base it was trained on, merged for generation.

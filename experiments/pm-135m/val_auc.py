@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent / "smollm2-135m-real"))
 
 from data.ecinstruct import read_rows  # noqa: E402
 from decision import auc, class_probabilities  # noqa: E402  (experiments/smollm2-135m-real)
-from evaluate import load_model_and_adapter  # noqa: E402
+from lora.base import load_base  # noqa: E402
 from model.gguf import packaged_smollm2  # noqa: E402
 
 if __name__ == "__main__":
@@ -31,7 +31,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     rows = [r for r in read_rows(args.work / "rows.jsonl")
             if r["split"] == "val" and r["setting"] == "IND_Diverse_Instruction"][:args.n]
-    model, tok = load_model_and_adapter(str(packaged_smollm2()), args.adapter)
+    model, tok, _ = load_base(str(packaged_smollm2()), adapter=args.adapter, merge=True)   # quant, dtype: base.json
     p_yes = class_probabilities(model, tok, rows, [tok.encode("yes")[0], tok.encode("no")[0]], 2048)[:, 0]
     gold = np.array([r["output"] == "yes" for r in rows])
     print(f"{args.adapter}: {len(rows)} val rows, AUC {auc(p_yes, gold):.3f}, accuracy at p = 0.5 "

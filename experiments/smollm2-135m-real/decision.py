@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from data.ecinstruct import read_rows  # noqa: E402
 from data.encode import encode_prompt  # noqa: E402
-from evaluate import load_model_and_adapter  # noqa: E402
+from lora.base import load_base  # noqa: E402
 from model.gguf import packaged_smollm2  # noqa: E402
 from report import SETTINGS  # noqa: E402  (report.py, beside this file)
 from tasks import ABBREV  # noqa: E402
@@ -105,14 +105,14 @@ def main(argv=None) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="the adapter folder (e.g. WORKDIR/train/best)")
     parser.add_argument("--label", default=None, help="the run's name in the output (default: the adapter's path)")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
-    parser.add_argument("--model", help="the base (default: what the adapter's base.json records; else the packaged "
-                                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="the base (default: the packaged SmolLM2-135M-Instruct GGUF, what run.sh "
+                                        "trains on; the quantization and dtype come from the adapter's base.json)")
     args = parser.parse_args(argv)
 
     rows = read_rows(args.work / "rows.jsonl")
     rows = [r for r in rows if class_of(r["output"]) in ("yes", "no", "A", "B", "C", "D")]   # AVE excluded
     # The model run.sh's evaluate.py scores: the NF4 base the adapter was trained on, adapter merged.
-    model, tokenizer = load_model_and_adapter(args.model or str(packaged_smollm2()), str(args.adapter))
+    model, tokenizer, _ = load_base(args.model or str(packaged_smollm2()), adapter=str(args.adapter), merge=True)
     context = min(2048, model.config.max_position_embeddings)   # evaluate.py's default --cutoff
     tokens = class_tokens(tokenizer, rows)
 

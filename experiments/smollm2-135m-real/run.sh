@@ -7,7 +7,7 @@
 #
 # PATH/TO/ecinstruct holds test_rows_dev.jsonl, ave_train_100.jsonl (real ECInstruct rows).
 # WORKDIR (default runs/smollm2-135m-real) receives rows.jsonl, zero-shot/, train/, finetuned/.
-# LR and EPOCHS (environment; default 1e-4 and 2) change the recipe; REPORT (default this folder)
+# The training recipe is train.json here (train.py --config); LR and EPOCHS (environment) override it; REPORT (default this folder)
 # is where report.py writes the tables and copies of the logs.
 # On 2 CPU cores: zero-shot 15 min, about 25 min per training epoch, evaluation 6 min, decision.py 5 min.
 # Each step is skipped when its output is already there.
@@ -16,8 +16,6 @@ cd "$(dirname "$0")/../.."
 SHARED=${1:?usage: run.sh PATH/TO/ecinstruct [WORKDIR]}
 WORK=${2:-runs/smollm2-135m-real}
 PY=${PY:-.venv/bin/python}
-LR=${LR:-1e-4}
-EPOCHS=${EPOCHS:-2}
 REPORT=${REPORT:-experiments/smollm2-135m-real}
 GGUF=$($PY -c "from model.gguf import packaged_smollm2; print(packaged_smollm2())")
 SETTINGS=IND_Diverse_Instruction,IND_Single_Instruction,IND_Unseen_Instruction,OOD_Diverse_Instruction
@@ -34,9 +32,8 @@ $PY experiments/smollm2-135m-real/make_split.py --shared "$SHARED" --out "$WORK"
 # lr 1e-4, cosine with 5% warm-up, cut-off 2048), scaled to 1,679 training rows: 16 sequences per step
 # instead of 128 (105 steps an epoch instead of 13), 2 epochs instead of 3 (the CPU time budget).
 [ -f "$WORK/train/adapter/adapter_model.safetensors" ] || \
-  $PY train.py --model "$GGUF" --dataset "$WORK/rows.jsonl" --tasks all --setting IND_Diverse_Instruction \
-    --quant nf4 --dtype bf16 --batch-size 16 --epochs "$EPOCHS" --lr "$LR" --micro-batch-tokens 2048 --val-size 1000 \
-    --eval-every 35 --save-every 35 --seed 0 --no-progress --log-every 5 --out "$WORK/train" --resume auto
+  $PY train.py --config experiments/smollm2-135m-real/train.json --model "$GGUF" --dataset "$WORK/rows.jsonl" \
+    ${LR:+--lr "$LR"} ${EPOCHS:+--epochs "$EPOCHS"} --out "$WORK/train" --resume auto
 
 # The adapter with the lowest validation loss, on the NF4 base it was trained on, merged for generation.
 [ -f "$WORK/finetuned/metrics.json" ] || \
