@@ -6,8 +6,9 @@ hub-layout folder (transformers, vLLM, this project) or as a llama.cpp GGUF file
     python export.py --model FILE.gguf --adapter runs/x/adapter --format gguf --gguf-quant q8_0 --out runs/x/model.gguf
     python evaluate.py --model runs/x/model.gguf --out runs/x/eval-gguf    # the export scores as model + adapter
 
-The merge, for every adapted layer: W' = W + (B @ A) * alpha / r, in float32 on the dense base (or, with
---quant nf4, on the NF4 base the QLoRA adapter was trained on, dequantized), then cast once.
+The merge, for every adapted layer: W' = W + (B @ A) * alpha / r, in float32, on the base as the adapter was
+trained on it (base.json: the same dtype; with --quant nf4 the NF4 base quantized from that dtype, dequantized:
+the very weights training saw), then cast once.
 A tied output head with an adapter becomes an untied head (its own weight = embedding + delta); the
 embedding is never changed. Without --adapter the base model is converted as it is.
 
@@ -80,17 +81,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from lora import LoRALinear, NonFiniteError, check_export_path, choose_base, export_gguf, export_merged
+    from lora import (LoRALinear, NonFiniteError, check_export_path, choose_base, export_gguf, export_merged,
+                      read_base_record)
 
     folder = args.format == "hf"
     try:   # refuse before any work: an existing --out, a bad adapter folder
         check_export_path(args.out, folder=folder, overwrite=args.overwrite)
     except FileExistsError as e:
         raise FileExistsError(f"--out {e}" + ("" if args.overwrite else ": pass --overwrite to replace it")) from None
-    # --model and --quant: the adapter's base.json (the base it was trained on) unless given; the merge is
-    # computed in float32 on the CPU whatever dtype the adapter was trained in
-    base = choose_base(args.model, args.quant, torch.float32, "cpu", args.adapter)
-    base.dtype_why = " (export.py merges in float32)"
+    # --model and --quant: the adapter's base.json (the base it was trained on) unless given. The base is loaded in
+    # the dtype it was trained in (an NF4 base quantized from the dtype base.json records: the same codes and
+    # scales, so the same dequantized weights, as in training), the merge computed in float32 on the CPU.
+    record = read_base_record(args.adapter) if args.adapter else None
+    trained = ((record.get("quantization") or {}).get("quantized_from") or record.get("compute_dtype")) if record \
+        else None
+    base = choose_base(args.model, args.quant, getattr(torch, trained or "float32"), "cpu", args.adapter)
+    base.dtype_why = " (as trained; the merge is float32)" if trained else " (the merge is float32)"
     started = time.time()
     model, tokenizer = base.load()   # refuses an adapter tensor holding NaN or inf, naming it
     head_adapted = isinstance(getattr(model, "lm_head", None), LoRALinear)

@@ -56,6 +56,7 @@ import random
 import resource
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -74,7 +75,7 @@ try:
     from data.batching import plan_stats
     from model import PRESETS, Packing, count_parameters, load_tokenizer
     from model.load import LOCAL_KINDS, source_kind, source_name
-    from model.cpu import release_free_memory, rss_gb
+    from model.cpu import limit_kernel_cache, release_free_memory, rss_gb
     from outdir import DiskFull
     from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, list_checkpoints, rng_state, set_rng_state
     from watch import DivergenceWatch, StopSignal, start_processes
@@ -222,6 +223,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """Every flag of a run, built once from the command line (and --config), checked and in canonical form by
+    check_args, and never changed after: --tasks in one order and spelling, --setting a canonical list, --dtype one
+    word (auto, bf16, fp32; the torch dtype it resolves to is config.json's "dtype"). Its recipe fields are
+    config.json's "args", what --print-config writes and --config reads back."""
+    # model
+    model: str
+    quant: str
+    dtype: str
+    device: str
+    gradient_checkpointing: str
+    # LoRA
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    init_adapter: str | None
+    # data
+    dataset: str
+    tasks: str
+    setting: str
+    skip_invalid: bool
+    cutoff: int
+    template: str
+    train_on_inputs: bool
+    val_size: int
+    max_train_rows: int | None
+    cache_dir: str
+    # optimisation
+    lr: float
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    micro_batch_tokens: int
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    diverge_factor: float
+    diverge_steps: int
+    loss_chunk_tokens: int
+    # output
+    out: str | None
+    save_every: int
+    keep_last: int
+    eval_every: int | None
+    log_every: int
+    no_progress: bool
+    # this invocation's, not the recipe's (NOT_RECIPE)
+    resume: str | None
+    overwrite: bool
+    print_config: bool
+    dry_run: bool
+    config: str | None
+    debug_nan_at_step: int | None
+    debug_fail_at_step: int | None
+
+    def recipe(self) -> dict:
+        """The recipe fields by name: config.json's "args"."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_RECIPE}
+
+
 # Flags of one invocation, not of the run's recipe: config.json and --print-config leave them out, --config
 # refuses them.
 NOT_RECIPE = ("config", "print_config", "dry_run", "resume", "overwrite", "debug_nan_at_step", "debug_fail_at_step")
@@ -270,8 +334,9 @@ def config_words(parser: argparse.ArgumentParser, path: str) -> list[str]:
     return words
 
 
-def check_args(args, parser) -> None:
-    """Value checks argparse cannot do; each failure is one line and exit code 2."""
+def check_args(args: argparse.Namespace, parser) -> RunConfig:
+    """The run's RunConfig: value checks argparse cannot do (each failure is one line and exit code 2), the
+    canonical spellings."""
     checks = [
         (args.lora_r >= 1, f"--lora-r must be at least 1 (got {args.lora_r})"),
         (args.lora_alpha > 0, f"--lora-alpha must be positive (got {args.lora_alpha})"),
@@ -327,6 +392,7 @@ def check_args(args, parser) -> None:
         parser.error(f"--resume {args.resume}: no such folder (pass auto, a checkpoint folder or a run folder)")
     if args.init_adapter is not None:
         check_init_adapter(args, parser)
+    return RunConfig(**vars(args))
 
 
 def check_init_adapter(args, parser) -> None:
@@ -462,14 +528,11 @@ def add_lora(model, args, dtype, world: int) -> tuple[list[torch.nn.Parameter], 
     if targets not in ("default", *TARGET_PRESETS):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    try:
-        apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                   quantize="nf4" if args.quant == "nf4" else None, compute_dtype=dtype, lora_dtype=torch.float32,
-                   **({} if targets == "default" else {"targets": targets}))
+    try:   # the base arrives NF4 or dense from load_base: LoRA wraps its layers as they are
+        apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, compute_dtype=dtype,
+                   lora_dtype=torch.float32, **({} if targets == "default" else {"targets": targets}))
     except (ValueError, KeyError) as e:
         fail(f"--lora-targets {args.lora_targets}: {e}", 2)
-    except ImportError as e:
-        fail(f"--quant nf4 needs bitsandbytes ({e}); install it or pass --quant none")
     model.gradient_checkpointing = use_gc
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -586,7 +649,7 @@ class Progress:
 @dataclass
 class Trainer:
     """The training of one run: the model's LoRA parameters, AdamW over them, the data, the folder it writes."""
-    args: argparse.Namespace
+    args: RunConfig
     model: torch.nn.Module
     params: list
     data: Data
@@ -854,15 +917,16 @@ def place(args, device, world: int, rank: int, local_rank: int):
 
 def run_config(args, device, dtype, world: int) -> dict:
     """config.json's start: the flags, the resolved model, folder, device and dtype (data facts come later)."""
+    from lora import dtype_name
+
     out = Path(args.out or Path("runs") / folder_name(source_name(args.model))).expanduser()
     init = {}
     if args.init_adapter:   # what the LoRA weights started from: a resume with other weights is another run
         weights = (Path(args.init_adapter).expanduser() / "adapter_model.safetensors").read_bytes()
         init["init_adapter_sha256"] = hashlib.sha256(weights).hexdigest()[:16]
-    return {"args": {k: v for k, v in vars(args).items()
-                     if k not in NOT_RECIPE},
+    return {"args": args.recipe(),
             "model_id": PRESETS[args.model][0] if args.model in PRESETS else args.model,
-            "out": str(out), "device": device.type, "dtype": str(dtype).removeprefix("torch."), "world_size": world,
+            "out": str(out), "device": device.type, "dtype": dtype_name(dtype), "world_size": world,
             "format": FORMAT, **init}
 
 
@@ -914,14 +978,15 @@ def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_args(parser, argv)
-    check_args(args, parser)
+    args = check_args(parse_args(parser, argv), parser)
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
     device, dtype = place(args, device, world, rank, local_rank)
+    if device.type == "cpu":
+        limit_kernel_cache()   # before the first matrix product (model/cpu.py)
     say = print if rank == 0 else (lambda *a, **k: None)
     config = run_config(args, device, dtype, world)
     if args.print_config:

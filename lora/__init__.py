@@ -16,8 +16,8 @@ Files: `layer.py` (LoRALinear, the math), `nf4.py` (bitsandbytes NF4 quantize/de
 from .apply import (DEFAULT_TARGETS, NO_HEAD_TARGETS, TARGET_PRESETS, apply_lora, linear_layer_names, lora_disabled,
                     lora_layers, merge_lora, unmerge_lora)
 from .base import BaseChoice, choose_base, load_base
-from .io import (NonFiniteError, base_fingerprint, base_record, check_export_path, export_gguf, export_merged,
-                 load_adapter, lora_state_dict, merged_export_state, merged_state_dict, read_adapter_config,
+from .io import (NonFiniteError, base_fingerprint, base_record, check_export_path, dtype_name, export_gguf,
+                 export_merged, load_adapter, lora_state_dict, merged_export_state, merged_state_dict, read_adapter_config,
                  read_base_record, save_adapter, write_base_record)
 from .layer import LoRALinear, lora_delta
 from .nf4 import dequantize_nf4, is_nf4, quantize_nf4
@@ -27,4 +27,4 @@ __all__ = ["DEFAULT_TARGETS", "NO_HEAD_TARGETS", "TARGET_PRESETS", "LoRALinear",
            "load_adapter", "read_adapter_config", "merged_state_dict", "export_merged", "lora_delta",
            "merged_export_state", "export_gguf", "check_export_path", "NonFiniteError",
            "quantize_nf4", "dequantize_nf4", "is_nf4", "base_record", "base_fingerprint", "read_base_record",
-           "write_base_record", "BaseChoice", "choose_base", "load_base"]
+           "write_base_record", "BaseChoice", "choose_base", "load_base", "dtype_name"]

@@ -38,13 +38,10 @@ import torch
 from model.config import PRESETS
 from model.load import LOCAL_KINDS, source_kind
 
+from .io import dtype_name
+
 QUANTS = ("none", "nf4")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}   # --dtype word -> torch dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The one JSON spelling of a torch dtype: "bfloat16", "float32", "float16"."""
-    return str(dtype).removeprefix("torch.")
 
 
 def _stderr(message: str) -> None:

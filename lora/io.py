@@ -107,13 +107,12 @@ def base_record(*, base_model: str | None, base_checkpoint: str, quantization: s
                 compute_dtype: torch.dtype | str, fingerprint: str | None = None, **extra) -> dict:
     """The base.json record (see the module docstring): `dtype` is the one the base weights were loaded
     in (and quantized from), `quantization` None or "nf4"."""
-    name = lambda d: str(d).removeprefix("torch.")
     if quantization not in (None, "nf4"):
         raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
     quant = {"method": "nf4", "double_quantization": True, "blocksize": 64,
-             "quantized_from": name(dtype)} if quantization == "nf4" else None
+             "quantized_from": dtype_name(dtype)} if quantization == "nf4" else None
     record = {"base_model": base_model, "base_checkpoint": base_checkpoint, "quantization": quant,
-              "compute_dtype": name(compute_dtype)}
+              "compute_dtype": dtype_name(compute_dtype)}
     if fingerprint is not None:
         record["base_fingerprint"] = fingerprint
     return {**record, **extra}
@@ -450,7 +449,8 @@ def _publish(path, write, *, folder: bool, overwrite: bool, needed: int | None =
         raise
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The one spelling of a dtype in JSON files (config.json, base.json, metrics.json): "bfloat16", "float32"."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -472,8 +472,8 @@ def export_merged(model: nn.Module, tokenizer, path, *, dtype: torch.dtype = tor
     check_export_path(path, folder=True, overwrite=overwrite)  # before the work of merging
     config, state = merged_export_state(model)
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    check_finite(state, _dtype_name(dtype))
-    out_config = dataclasses.replace(config, torch_dtype=_dtype_name(dtype))
+    check_finite(state, dtype_name(dtype))
+    out_config = dataclasses.replace(config, torch_dtype=dtype_name(dtype))
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(config, k, None) is not None}
     if tokenizer is not None and len(tokenizer.stop_ids) > 1:  # stop at the same tokens as the source

@@ -65,6 +65,7 @@ def _assert_same_hidden_states(ours, theirs, attention_mask):
         assert (a - b).abs().masked_fill(~real, 0).max().item() < 1e-4, f"hidden_states[{layer}]"
 
 
+@pytest.mark.slow
 def test_minilm_hidden_states_match_transformers(minilm_dir):
     from transformers import AutoModel
 
@@ -89,6 +90,7 @@ def _bert_score_scorer(model_dir, num_layers):
     return scorer
 
 
+@pytest.mark.slow
 def test_f_bert_matches_bert_score_package(minilm_dir, minilm_scorer):
     cands, refs = CANDIDATES + ["", "ok"], REFERENCES + ["An answer.", "   "]
     P, R, F = _bert_score_scorer(minilm_dir, MINILM_LAYER).score(cands, refs)

@@ -340,6 +340,7 @@ def imported_by(modules: str) -> set[str]:
     return set(proc.stdout.split())
 
 
+@pytest.mark.slow
 def test_data_and_metrics_do_not_import_each_other():
     """The task names are shared through the top-level tasks.py: data/ imports no metrics module, and
     metrics/ (torch-free but for metrics.bertscore) imports neither data/ nor torch."""

@@ -60,6 +60,7 @@ def rows() -> list[dict]:
     return picked
 
 
+@pytest.mark.slow
 def test_policies_of_the_two_checkpoints(smol, llama):
     assert (smol.bos_id, smol.eos_id, smol.pad_id, smol.add_bos) == (1, 2, 2, False)
     assert (llama.bos_id, llama.eos_id, llama.add_bos) == (128000, 128001, True)
@@ -229,6 +230,7 @@ def test_a_corrupt_cache_file_is_rebuilt(smol, rows, tmp_path):
 
 # ---- micro-batches on the real length distribution ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_micro_batches_are_full_on_real_rows(smol, shared_dir):
     """Real rows, SmolLM2 tokens, the defaults (128 rows a step, 16,384 tokens a micro-batch): first-fit decreasing
     fills the micro-batches to at least 70% on average, within a micro-batch of the fewest possible per step."""

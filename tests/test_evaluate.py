@@ -148,6 +148,7 @@ def lively_adapter(lively_dir, tmp_path_factory) -> Path:
 
 # ---- generation end to end -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sample_end_to_end_with_the_real_smollm2(smollm2_gguf, tmp_path):
     """The real SmolLM2-135M GGUF on the sample's first test row of every task and setting: all three files, all 10 tasks."""
     out = tmp_path / "eval"
@@ -165,6 +166,7 @@ def test_sample_end_to_end_with_the_real_smollm2(smollm2_gguf, tmp_path):
     assert any(p["output"].strip() for p in preds)   # a real model writes something
 
 
+@pytest.mark.slow
 def test_tiny_model_with_an_adapter(lively_dir, lively_adapter, tmp_path):
     """--model tiny --adapter DIR merges the adapter and writes the three files; random outputs are counted invalid."""
     settings = [IND, OOD, ONE_SHOT]
@@ -187,6 +189,7 @@ def test_tiny_model_with_an_adapter(lively_dir, lively_adapter, tmp_path):
     assert [p["output"] for p in base] != [p["output"] for p in preds]
 
 
+@pytest.mark.slow
 def test_batch_size_1_and_16_give_the_same_outputs(lively_dir, tmp_path):
     """--batch-size 1 and 16 (left padding, KV cache) write identical outputs for every row."""
     outputs = {}
@@ -203,6 +206,7 @@ def test_batch_size_1_and_16_give_the_same_outputs(lively_dir, tmp_path):
 
 # ---- scoring a predictions file --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_published_predictions_reproduce_the_paper(shared_dir, tmp_path):
     """--predictions of the published SmolLM2-360M-EC outputs, gold from --gold, reproduces the study's Table 2/3 numbers."""
     out = tmp_path / "score"
@@ -304,6 +308,7 @@ def test_predictions_record_without_an_index(tmp_path, capsys):
     assert code == 2 and f"{bad} record 2:" in msg
 
 
+@pytest.mark.slow
 def test_the_script_exits_2_with_one_error_line(tmp_path):
     """`python evaluate.py` itself (a real process): a bad predictions file gives exit code 2 and 'evaluate.py: error:'."""
     bad = tmp_path / "bad.jsonl"

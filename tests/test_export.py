@@ -419,6 +419,7 @@ def test_usage_errors(bases, argv, match, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_script_exits_2_with_one_error_line(bases, tmp_path):
     """`python export.py` itself: a missing adapter folder is one line on stderr, exit code 2, nothing written."""
     proc = subprocess.run([sys.executable, str(ROOT / "export.py"), "--model", str(bases["tied"]), "--adapter",
@@ -455,6 +456,7 @@ def test_llama_cpp_logits_equal_ours(bases, adapters, base_name, targets, tmp_pa
 
 # ---- the real SmolLM2-135M-Instruct ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tokenizer_metadata_is_the_packaged_files(smollm2, smollm2_gguf):
     """Our tokenizer.ggml.* for SmolLM2 (rebuilt from the packaged GGUF) are that file's, value for value:
     the file was written by llama.cpp's own converter."""
@@ -485,6 +487,7 @@ def real_prompts(shared_dir, tok, n: int = 20) -> list[list[int]]:
     return [encode_prompt(row, tok)[0] for row in order]
 
 
+@pytest.mark.slow
 def test_llama_cpp_greedy_equals_ours_on_smollm2(smollm2_gguf, shared_dir, tmp_path):
     """llama.cpp runs the f16 export of the real SmolLM2 with an adapter on every target (lm_head too):
     its greedy answers on 20 real prompts are ours (fp32, adapter merged as evaluate.py runs it). A

@@ -138,6 +138,7 @@ def test_tiny_padding_id_does_not_matter(tiny):
     assert a == b
 
 
+@pytest.mark.slow
 def test_smollm2_matches_reference_decoder(smollm2):
     model, tokenizer = smollm2
     texts = ["The capital of France is", "Question: is a phone case a substitute for a phone?\nAnswer:",
@@ -227,6 +228,7 @@ def test_continuous_batching_per_row_limits_and_on_batch(lively):
         generate_batched(model, prompts, max_new_tokens=[1, 2])
 
 
+@pytest.mark.slow
 def test_continuous_batching_smollm2_real_prompts(smollm2):
     """Real ECInstruct prompts (the sample), real weights: the same greedy answers as the static path."""
     from data import load_rows, render_prompt

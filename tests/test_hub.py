@@ -112,6 +112,7 @@ def test_the_bertscore_encoder_offline_points_at_the_minilm_flag(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_from_a_folder_or_gguf_file_needs_no_hub(monkeypatch, tiny_dir, smollm2_gguf):
     failing_hub(monkeypatch, "ConnectionError")
     tokenizer = load_tokenizer(tiny_dir)

@@ -121,6 +121,7 @@ def _random_labels(rng: random.Random, classes: str, n: int) -> list[str]:
     return rng.choices(list(classes), weights=weights, k=n)
 
 
+@pytest.mark.slow
 def test_classification_agrees_with_sklearn():
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 

@@ -199,6 +199,7 @@ def test_sharded_checkpoint_loads(tmp_path, tiny_dir):
 
 # ---- the real SmolLM2-135M-Instruct (GGUF) ------------------------------------------------------
 
+@pytest.mark.slow
 def test_gguf_logits_match_transformers(smollm2, smollm2_gguf):
     model, tokenizer = smollm2
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
@@ -210,6 +211,7 @@ def test_gguf_logits_match_transformers(smollm2, smollm2_gguf):
     assert diff <= 1e-3
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_matches_transformers(smollm2, smollm2_gguf):
     _, tokenizer = smollm2
     theirs = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
@@ -218,6 +220,7 @@ def test_gguf_tokenizer_matches_transformers(smollm2, smollm2_gguf):
     assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) == text
 
 
+@pytest.mark.slow
 def test_smollm2_answers_paris(smollm2):
     from model import generate
 

@@ -159,6 +159,7 @@ class DiskFiller:
         return call
 
 
+@pytest.mark.slow
 def test_5_a_full_disk_during_training_is_one_line_and_resumes_exactly(tiny_dir, rows_file, tmp_path, monkeypatch,
                                                                        capsys):
     flags = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3"]
@@ -249,6 +250,7 @@ def test_7_a_damaged_run_config_is_one_line(tiny_dir, rows_file, run_dir, tmp_pa
 
 # ---- 8: an adapter folder that is a link --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_8_a_linked_adapter_folder_is_replaced_as_a_link(tiny_dir, rows_file, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -325,6 +327,7 @@ def test_a_linked_log_is_never_appended_through(tiny_dir, rows_file, tmp_path, c
 
 # ---- no remote code: bitsandbytes' hub kernel lookup --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bitsandbytes_is_imported_without_the_hub_kernel_lookup():
     """With `kernels` installed (a dependency of transformers, in the dev environment), bitsandbytes' CPU backend
     would call kernels.get_kernel("kernels-community/...") at import: code from the hub. It must never be called,

@@ -83,6 +83,7 @@ def one_line(message: str) -> str:
 
 # ---- one run per output folder -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_live_run_per_folder_and_a_killed_run_leaves_it_free(tiny_dir, rows_file, tmp_path, capsys):
     """Two train.py started together on one --out: one trains, the other is refused at once naming it;
     a --resume auto and an --overwrite beside the live run are refused too; once the live run is killed
@@ -154,6 +155,7 @@ def test_overwrite_deletes_only_what_a_run_wrote(tiny_dir, rows_file, tmp_path):
 
 # ---- divergence ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lr_1e3_diverges_and_stops(tiny_dir, rows_file, tmp_path, capsys):
     """--lr 1e3 used to sit at ln(vocab) with a zero gradient and exit 0 with a useless adapter; resuming
     with a sane --lr stayed stuck. Now the run stops with one line and --resume auto --lr 1e-4 trains."""
@@ -315,6 +317,7 @@ def test_a_failed_or_killed_evaluate_leaves_a_whole_set(tmp_path, monkeypatch):
     assert not (out / outdir.STAGING).exists() and not (out / outdir.JOURNAL).exists()
 
 
+@pytest.mark.slow
 def test_generation_resumes_from_the_rows_already_written(tiny_dir, tmp_path, monkeypatch, capsys):
     import model as model_package
 

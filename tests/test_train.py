@@ -182,6 +182,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 # ---- exact resume, crash-safe checkpoints --------------------------------------------------------
 
+@pytest.mark.slow
 def test_killed_while_checkpointing_then_resumed_matches_uninterrupted(tiny_dir, rows_file, tmp_path):
     """6 steps (2 epochs) straight, against: a process SIGKILLed while writing checkpoint 5, then
     --resume auto (from checkpoint 4, mid-epoch). Same per-step losses (1e-6) and adapter; dropout is on."""
@@ -243,6 +244,7 @@ def test_killed_while_checkpointing_then_resumed_matches_uninterrupted(tiny_dir,
         assert (straight / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_losses(tiny_dir, rows_file, tmp_path):
     """Same global batch over 2 gloo ranks: the same per-step losses and adapter as one process
     (dropout off: the masks are per rank)."""
@@ -265,6 +267,7 @@ def test_torchrun_two_processes_give_the_single_process_losses(tiny_dir, rows_fi
     assert len(state["rng"]) == 2 and state["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_interrupt_writes_a_checkpoint_and_resume_finishes(tiny_dir, rows_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     lr_at = train.lr_at
@@ -287,6 +290,7 @@ def test_interrupt_writes_a_checkpoint_and_resume_finishes(tiny_dir, rows_file, 
 
 # ---- failures, each with a clear message ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, rows_file, tmp_path, capsys):
     """A nan loss at step 3 is computed with the weights of checkpoint 2: that checkpoint is set aside, the
     run names checkpoint 1, and --resume auto continues from it."""
@@ -315,6 +319,7 @@ def test_out_of_memory_names_the_flag_to_lower(tiny_dir, rows_file, tmp_path, mo
     assert code == 1 and "out of memory" in err and "--micro-batch-tokens" in err
 
 
+@pytest.mark.slow
 def test_a_folder_holding_a_run_is_refused(tiny_dir, rows_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(base_args(tiny_dir, rows_file, out, "--max-steps", "1", "--val-size", "0")) == 0
@@ -391,6 +396,7 @@ def start_ranks(args: list[str], world: int = 2) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "plain"])
 def test_a_failed_rank_stops_the_others_within_seconds(tiny_dir, rows_file, tmp_path, launcher):
     """Rank 1 fails at step 2; rank 0, waiting in that step's all_reduce, stops too within seconds (not at the
@@ -461,3 +467,17 @@ def test_a_bad_config_file_is_named(tmp_path, content, message, capsys):
         train.main(["--config", str(tmp_path / "c.json")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--config {tmp_path / 'c.json'}" in err and message in err, err
+
+
+def test_run_config_has_every_flag_and_is_frozen(tiny_dir, rows_file, tmp_path):
+    """RunConfig declares exactly the parser's flags (a new flag must be added to both), and nothing changes it."""
+    import dataclasses
+
+    parser = train.build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert {f.name for f in dataclasses.fields(train.RunConfig)} == dests
+    config = train.check_args(parser.parse_args(base_args(tiny_dir, rows_file, tmp_path / "r", "--tasks", "pm,AVE")),
+                              parser)
+    assert config.tasks == "Attribute_Value_Extraction,Product_Matching"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dtype = "fp32"

@@ -7,8 +7,8 @@
 #
 # WORKDIR (default runs/walmart-amazon-135m) receives rows.jsonl, task_spec.json, zero-shot/, train/, finetuned/,
 # finetuned-threshold/, export/, baselines.json. Each step is skipped when its output is already there; a stopped
-# training run resumes exactly (--resume auto). Environment: NEG negatives per match in the train split [3],
-# EPOCHS [2], LR [5e-3], BATCH sequences per step [16].
+# training run resumes exactly (--resume auto). The training recipe is train.json here (train.py --config);
+# environment: NEG negatives per match in the train split [3], EPOCHS, LR, BATCH sequences per step [train.json's].
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC=${1:?usage: run.sh PATH/TO/walmart_amazon [WORKDIR]}
@@ -25,9 +25,8 @@ $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && DTYPE=bf1
 # The paper's QLoRA (NF4 base, LoRA r16/alpha16/dropout 0.1 on the seven projections and lm_head, AdamW, cosine with
 # 5% warm-up), scaled to the data; the best adapter by validation loss on 400 pairs of valid.
 [ -f "$WORK/train/adapter/adapter_model.safetensors" ] || \
-  $PY train.py --model "$GGUF" --dataset "$WORK/rows.jsonl" --tasks walmart_amazon --quant nf4 --dtype "$DTYPE" \
-    --epochs "${EPOCHS:-2}" --lr "${LR:-5e-3}" --batch-size "${BATCH:-16}" --micro-batch-tokens 4096 --val-size 400 \
-    --eval-every 72 --save-every 72 --seed 0 --no-progress --log-every 8 --out "$WORK/train" --resume auto
+  $PY train.py --config $HERE/train.json --model "$GGUF" --dataset "$WORK/rows.jsonl" --dtype "$DTYPE" \
+    ${EPOCHS:+--epochs "$EPOCHS"} ${LR:+--lr "$LR"} ${BATCH:+--batch-size "$BATCH"} --out "$WORK/train" --resume auto
 
 # The baselines: always "match", and string-similarity rules fit on train.
 [ -f "$WORK/baselines.json" ] || $PY $HERE/baselines.py "$SRC" --out "$WORK/baselines.json"
