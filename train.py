@@ -4,6 +4,7 @@
     python train.py --model smollm2-360m --resume auto         # continue an interrupted run exactly
     python train.py --model FILE.gguf --dataset SAMPLE.jsonl --quant none --max-steps 50 --out runs/try
     python train.py --model smollm2-360m --dry-run             # data statistics and one example, no weights
+    python train.py --model smollm2-360m --print-config > r.json && python train.py --config r.json --lr 2e-4
     torchrun --nproc_per_node=4 train.py --model llama3.2-1b   # data-parallel, same global batch, same loss
 
 Defaults reproduce eCeLLM's recipe (finetune.sh / finetune.py) in its QLoRA form: NF4 base with bf16
@@ -37,7 +38,7 @@ collapsed: at loss ln(vocab) it predicts every token alike), or a loss above --d
 its start (the mean of the first 10 normal losses) for --diverge-steps steps in a row. The message
 names the last good checkpoint; later ones are set aside, so --resume auto (with a lower --lr)
 continues from the good one. Under torchrun a rank that fails tells the others through the process
-group's store, and they stop within seconds (PeerWatch) instead of waiting out the collective timeout.
+group's store, and they stop within seconds (watch.PeerWatch) instead of waiting out the collective timeout.
 
 Exit codes: 0 done; 1 the run failed (divergence, out of memory, a model that cannot be loaded, a
 failed peer rank); 2 bad flags, bad data, or a refused or busy output folder; 130 interrupted (Ctrl-C

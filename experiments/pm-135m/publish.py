@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from lora.io import (CONFIG_NAME, WEIGHTS_NAME, base_record, read_adapter_config, read_base_record,  # noqa: E402
                      write_base_record)
-from outdir import remove_path  # noqa: E402
+from outdir import remove_path, swap_in  # noqa: E402
 
 PUBLISHED = {CONFIG_NAME, WEIGHTS_NAME, "base.json", "README.md"}
 
@@ -111,12 +110,7 @@ def main() -> None:
         base=BASE_ID, checkpoint=BASE_FILE, qdtype=q["quantized_from"] if q else "-", cdtype=record["compute_dtype"],
         r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
         targets=", ".join(cfg["target_modules"])))
-    old = args.out.with_name(f".old-{args.out.name}")
-    remove_path(old)
-    if args.out.exists():
-        os.rename(args.out, old)
-    os.rename(tmp, args.out)
-    remove_path(old)
+    swap_in(tmp, args.out, args.out.with_name(f".old-{args.out.name}"))
     print(f"published {source} to {args.out}")
 
 

@@ -2,7 +2,7 @@
 
     python experiments/walmart-amazon-135m/report.py --work runs/walmart-amazon-135m --out experiments/walmart-amazon-135m/report
 
-Reads WORK/{zero-shot,finetuned,finetuned-threshold,finetuned-gguf}/metrics.json (those that exist) and
+Reads WORK/{zero-shot,finetuned,finetuned-threshold,finetuned-gguf}{,-3ep variants}/metrics.json (those that exist) and
 WORK/baselines.json; writes OUT/tables.md and a copy of each metrics.json (OUT/<name>_metrics.json) with this
 machine's folders left out of the paths it records.
 """
@@ -18,9 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TASK, SETTING = "walmart_amazon", "default"
 RUNS = (("zero-shot", "SmolLM2-135M-Instruct, zero-shot, greedy"),
-        ("finetuned", "SmolLM2-135M-Instruct + QLoRA (ours), greedy"),
-        ("finetuned-threshold", "SmolLM2-135M-Instruct + QLoRA (ours), threshold on p(yes) chosen on valid"),
-        ("finetuned-gguf", "the same adapter merged, GGUF f16 export, greedy"))
+        ("finetuned", "SmolLM2-135M-Instruct + QLoRA (2 epochs), greedy"),
+        ("finetuned-threshold", "SmolLM2-135M-Instruct + QLoRA (2 epochs), threshold on p(yes) chosen on valid"),
+        ("finetuned-gguf", "the same adapter merged, GGUF f16 export, greedy"),
+        ("finetuned-3ep", "SmolLM2-135M-Instruct + QLoRA, 3 epochs (ours), greedy"),
+        ("finetuned-3ep-threshold", "SmolLM2-135M-Instruct + QLoRA, 3 epochs, threshold on p(yes) chosen on valid"),
+        ("finetuned-3ep-gguf", "the 3-epoch adapter merged, GGUF f16 export, greedy"))
 PUBLISHED = (("Magellan (supervised, hand features)", 0.719), ("DeepMatcher (RNN, supervised)", 0.676),
              ("GPT-3 text-davinci-002, zero-shot", 0.606), ("GPT-3 text-davinci-002, 10-shot", 0.870),
              ("AnyMatch on Llama-3.2-1B (transfer)", 0.772), ("Ditto (RoBERTa-base, 125M, fine-tuned)", 0.8676),

@@ -5,8 +5,8 @@
 #
 #   bash experiments/walmart-amazon-135m/run.sh PATH/TO/walmart_amazon [WORKDIR]
 #
-# WORKDIR (default runs/walmart-amazon-135m) receives rows.jsonl, task_spec.json, zero-shot/, train/, finetuned/,
-# finetuned-threshold/, export/, baselines.json. Each step is skipped when its output is already there; a stopped
+# WORKDIR (default runs/walmart-amazon-135m) receives rows.jsonl, task_spec.json, zero-shot/, train/ (2 epochs),
+# train-3ep/ (the same run continued to 3: the result), finetuned*/ and export*/ of each, baselines.json. Each step is skipped when its output is already there; a stopped
 # training run resumes exactly (--resume auto). The training recipe is train.json here (train.py --config);
 # environment: NEG negatives per match in the train split [3], EPOCHS, LR, BATCH sequences per step [train.json's].
 set -euo pipefail
@@ -28,6 +28,13 @@ $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && DTYPE=bf1
   $PY train.py --config $HERE/train.json --model "$GGUF" --dataset "$WORK/rows.jsonl" --dtype "$DTYPE" \
     ${EPOCHS:+--epochs "$EPOCHS"} ${LR:+--lr "$LR"} ${BATCH:+--batch-size "$BATCH"} --out "$WORK/train" --resume auto
 
+# Then a third epoch (the validation loss still fell at the end of the second): the run copied to train-3ep and
+# continued there with --epochs 3 (--resume auto; the cosine then follows the 432-step schedule from step 288).
+[ -d "$WORK/train-3ep" ] || cp -a "$WORK/train" "$WORK/train-3ep"
+grep -q '"total_steps": 432' "$WORK/train-3ep/config.json" || \
+  $PY train.py --config $HERE/train.json --model "$GGUF" --dataset "$WORK/rows.jsonl" --dtype "$DTYPE" --epochs 3 \
+    --out "$WORK/train-3ep" --resume auto
+
 # The baselines: always "match", and string-similarity rules fit on train.
 [ -f "$WORK/baselines.json" ] || $PY $HERE/baselines.py "$SRC" --out "$WORK/baselines.json"
 
@@ -42,9 +49,19 @@ SPEC=(--dataset "$WORK/rows.jsonl" --tasks walmart_amazon --task-spec "$WORK/tas
 [ -f "$WORK/finetuned-threshold/metrics.json" ] || \
   $PY evaluate.py --adapter "$WORK/train/best" --model-name "SmolLM2-135M-Instruct + QLoRA, threshold" "${SPEC[@]}" \
     --decode threshold --out "$WORK/finetuned-threshold"
+for n in finetuned-3ep finetuned-3ep-threshold; do   # the 3-epoch adapter (the result), greedy and with the threshold
+  [ -f "$WORK/$n/metrics.json" ] || $PY evaluate.py --adapter "$WORK/train-3ep/best" \
+    --model-name "SmolLM2-135M-Instruct + QLoRA, 3 epochs" "${SPEC[@]}" \
+    $([ $n = finetuned-3ep-threshold ] && echo --decode threshold) --out "$WORK/$n"
+done
 
 # The adapter merged into its base as a GGUF file (f16), scored like any model (greedy, bf16 like the adapter's run).
 [ -f "$WORK/export/model.gguf" ] || $PY export.py --adapter "$WORK/train/best" --format gguf --out "$WORK/export/model.gguf"
 [ -f "$WORK/finetuned-gguf/metrics.json" ] || \
   $PY evaluate.py --model "$WORK/export/model.gguf" --model-name "QLoRA merged, GGUF f16" "${SPEC[@]}" --dtype "$DTYPE" \
     --out "$WORK/finetuned-gguf"
+[ -f "$WORK/export-3ep/model.gguf" ] || \
+  $PY export.py --adapter "$WORK/train-3ep/best" --format gguf --out "$WORK/export-3ep/model.gguf"
+[ -f "$WORK/finetuned-3ep-gguf/metrics.json" ] || \
+  $PY evaluate.py --model "$WORK/export-3ep/model.gguf" --model-name "QLoRA 3 epochs merged, GGUF f16" "${SPEC[@]}" \
+    --dtype "$DTYPE" --out "$WORK/finetuned-3ep-gguf"
