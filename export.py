@@ -83,6 +83,7 @@ def main(argv=None) -> int:
 
     from lora import (LoRALinear, NonFiniteError, check_export_path, choose_base, export_gguf, export_merged,
                       read_base_record)
+    from lora.base import recorded_dtype
 
     folder = args.format == "hf"
     try:   # refuse before any work: an existing --out, a bad adapter folder
@@ -93,10 +94,9 @@ def main(argv=None) -> int:
     # the dtype it was trained in (an NF4 base quantized from the dtype base.json records: the same codes and
     # scales, so the same dequantized weights, as in training), the merge computed in float32 on the CPU.
     record = read_base_record(args.adapter) if args.adapter else None
-    trained = ((record.get("quantization") or {}).get("quantized_from") or record.get("compute_dtype")) if record \
-        else None
-    base = choose_base(args.model, args.quant, getattr(torch, trained or "float32"), "cpu", args.adapter)
-    base.dtype_why = " (as trained; the merge is float32)" if trained else " (the merge is float32)"
+    base = choose_base(args.model, args.quant, recorded_dtype(record) if record else torch.float32, "cpu",
+                       args.adapter)
+    base.dtype_why = " (as trained; the merge is float32)" if record else " (the merge is float32)"
     started = time.time()
     model, tokenizer = base.load()   # refuses an adapter tensor holding NaN or inf, naming it
     head_adapted = isinstance(getattr(model, "lm_head", None), LoRALinear)
