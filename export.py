@@ -81,8 +81,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from lora import (LoRALinear, NonFiniteError, check_export_path, choose_base, export_gguf, export_merged,
-                      read_base_record)
+    from lora import LoRALinear, NonFiniteError, check_export_path, choose_base, export_gguf, export_merged
     from lora.base import recorded_dtype
 
     folder = args.format == "hf"
@@ -93,10 +92,9 @@ def main(argv=None) -> int:
     # --model and --quant: the adapter's base.json (the base it was trained on) unless given. The base is loaded in
     # the dtype it was trained in (an NF4 base quantized from the dtype base.json records: the same codes and
     # scales, so the same dequantized weights, as in training), the merge computed in float32 on the CPU.
-    record = read_base_record(args.adapter) if args.adapter else None
-    base = choose_base(args.model, args.quant, recorded_dtype(record) if record else torch.float32, "cpu",
-                       args.adapter)
-    base.dtype_why = " (as trained; the merge is float32)" if record else " (the merge is float32)"
+    base = choose_base(args.model, args.quant, "auto", "cpu", args.adapter)
+    base.dtype = recorded_dtype(base.record) if base.record else torch.float32
+    base.dtype_why = " (as trained; the merge is float32)" if base.record else " (the merge is float32)"
     started = time.time()
     model, tokenizer = base.load()   # refuses an adapter tensor holding NaN or inf, naming it
     head_adapted = isinstance(getattr(model, "lm_head", None), LoRALinear)
