@@ -53,6 +53,11 @@ class DiskFull(OSError):
         return self.strerror   # the sentence alone, without "[Errno 28]"
 
 
+class NonFiniteError(ValueError):
+    """A weight to be written holds NaN or inf, or a value beyond the range of the type it is written in: the
+    writers (lora.io's exports, model.gguf's GGUF writer) refuse it before the file exists."""
+
+
 def is_disk_full(error: BaseException) -> bool:
     """An OSError of a full disk or quota, or the RuntimeError/SafetensorError text torch and safetensors give it."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

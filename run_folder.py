@@ -20,6 +20,8 @@ folder: never a model folder's config.json.
   best/                    the adapter with the lowest validation loss (+ best.json)
   adapter/                 the adapter after the last step
   loss_curve.png           the training and validation losses (matplotlib)
+  tensorboard/             with --log tensorboard only: TensorBoard event files mirroring the two logs
+                           (TENSORBOARD_TAGS), flushed at every record; a resume purges the steps it redoes
 
 Every adapter folder also holds base.json, the base it was trained on (lora.io.base_record): evaluate.py
 and export.py take their defaults from it. Every file goes through outdir.write_atomic or a folder
@@ -59,9 +61,15 @@ MUST_MATCH = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "dataset
 # Flags a resumed run may change (e.g. a lower --lr after a NaN): the change is printed.
 MAY_CHANGE = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_dropout",
               "micro_batch_tokens", "diverge_factor", "diverge_steps")
-RUN_FILES = ("config.json", "train_log.jsonl", "val_log.jsonl", "loss_curve.png", "checkpoints", "adapter", "best")
+RUN_FILES = ("config.json", "train_log.jsonl", "val_log.jsonl", "loss_curve.png", "checkpoints", "adapter", "best",
+             "tensorboard")
 RUN_MARKER = "train_run.json"   # written into every run folder; --overwrite needs it (read by content: read_marker)
 LOCK_NAME = ".train.lock"       # flock-ed for the whole run
+# --log tensorboard: log file -> {record key: TensorBoard tag}
+TENSORBOARD_TAGS = {"train_log.jsonl": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                                        "tokens_per_s": "train/tokens_per_s", "peak_mem_gb": "memory/peak_gb",
+                                        "rss_gb": "memory/rss_gb"},
+                    "val_log.jsonl": {"val_loss": "val/loss"}}
 
 
 class RunRefused(ValueError):
@@ -228,6 +236,7 @@ class RunFolder:
     def __init__(self, out: Path, rank: int = 0):
         self.out, self.rank = Path(out), rank
         self.checkpoints = self.out / "checkpoints"
+        self.tensorboard = None   # --log tensorboard: the SummaryWriter start() opens
 
     def open(self, held, *, resume: str | None, overwrite: bool, config: dict, say=print) -> list[Path]:
         """Take the lock (held until `held` closes) and decide where the run starts: the checkpoint folders to
@@ -293,10 +302,11 @@ class RunFolder:
             names |= {f".tmp-{name}", f".old-{name}", f".{name}.tmp"}
         return sorted(p for p in (self.out / n for n in names) if p.exists() or p.is_symlink())
 
-    def start(self, config: dict, *, resumed_at: int | None, overwrite: bool, say) -> None:
+    def start(self, config: dict, *, resumed_at: int | None, overwrite: bool, say, tensorboard: bool = False) -> None:
         """Make the folder ready to write: --overwrite's deletions (only now, once the model and the data have
         loaded, so a failed start deletes nothing), the marker, config.json, logs cut back to the step resumed
-        at (or emptied), the half-written checkpoints of a killed run removed."""
+        at (or emptied), the half-written checkpoints of a killed run removed; with `tensorboard`, the event
+        writer (the steps after `resumed_at` purged from what it shows: they are redone)."""
         if self.rank != 0:
             return
         out = self.out
@@ -320,6 +330,14 @@ class RunFolder:
             write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in kept))   # steps after it are redone
         for stale in self.checkpoints.glob(".tmp-step-*") if self.checkpoints.is_dir() else []:
             remove_path(stale)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            events = out / "tensorboard"
+            if events.is_symlink() or (events.exists() and not events.is_dir()):
+                remove_path(events)   # a run file's name: a link there is removed as a link, never written through
+            with writing(events, None):
+                self.tensorboard = SummaryWriter(str(events), purge_step=None if resumed_at is None else resumed_at + 1)
 
     # ---- logs, adapters, checkpoints --------------------------------------------------------------------
 
@@ -328,10 +346,17 @@ class RunFolder:
         return read_jsonl(self.out / name, skip_bad=True, missing_ok=True)
 
     def log(self, name: str, record: dict) -> None:
+        """Append `record` to the log `name` (and, with --log tensorboard, its scalars to the event file)."""
         if self.rank == 0:
             line = json.dumps(record) + "\n"
             with writing(self.out / name, len(line)), open_append(self.out / name) as f:   # a link: never followed
                 f.write(line)
+            if self.tensorboard is not None:
+                with writing(self.out / "tensorboard", None):
+                    for key, tag in TENSORBOARD_TAGS[name].items():
+                        if isinstance(record.get(key), (int, float)):
+                            self.tensorboard.add_scalar(tag, record[key], record["step"])
+                    self.tensorboard.flush()   # written now: a full disk is this record's error, not a thread's
 
     def save_adapter(self, name: str, model, base_name: str | None, base: dict, extra: dict | None = None) -> None:
         if self.rank == 0:

@@ -12,19 +12,22 @@ compute, LoRA r=16 alpha=16 dropout=0.1, IND_Diverse_Instruction train split on 
 lr 1e-4, cosine schedule with 5% warm-up, 128 sequences per optimizer step, cut-off 2048, 3 epochs,
 validation loss each epoch on a seeded 1,000-row subset of the val split, best adapter kept.
 
-The file reads top to bottom as a run does: arguments, data, model, the loss, the loop, main().
+The flags are train_config.py's (RunConfig, one field per flag); this file reads top to bottom as a run does: data,
+model, the loss, the loop, main().
 What one optimizer step does (Trainer.step):
   1. the step's 128 rows come from data.plan_epoch (a pure function of seed and epoch, so resuming is
      "skip the steps already done"), already cut into the fewest micro-batches of --micro-batch-tokens;
   2. N = the supervised tokens of the whole step (all micro-batches, all ranks), known before any forward;
   3. each micro-batch, its rows laid end to end without padding (data.pack, model.Packing: attention
-     row by row): loss = (sum of token cross-entropies) / N, backward. The gradients add up to
+     row by row; on a CPU in bf16 a filler row that no loss sees rounds the tokens up to a multiple of
+     FILL_TO): loss = (sum of token cross-entropies) / N, backward. The gradients add up to
      the gradient of the mean over every supervised token of the step, however the rows were split
      (not a mean of micro-batch means, the 2024 gradient-accumulation bug);
   4. under torchrun each rank runs its share of the micro-batches (round robin) and the LoRA
      gradients are summed across ranks with one all_reduce: with the 1/N above, the sum is the
      single-process gradient;
-  5. clip the gradient norm, check for divergence, AdamW step (LoRA parameters only), lr from lr_at(step).
+  5. clip the gradient norm, check for divergence, AdamW step (LoRA parameters only), lr from lr_at(step);
+     on a CPU, the memory the step freed goes back to the OS (model.cpu.release_free_memory).
 The loss never builds the full (B, T, vocab) float32 logits: hidden states at supervised positions
 only go through lm_head in chunks, each under activation checkpointing.
 
@@ -47,7 +50,6 @@ or SIGTERM: a checkpoint is written first).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -57,12 +59,11 @@ import random
 import resource
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from cli import dtype_type, folder_name, missing_package, resolve_device, resolve_dtype
+from cli import folder_name, missing_package, resolve_device, resolve_dtype
 
 try:
     import numpy as np
@@ -70,345 +71,26 @@ try:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from data import (IGNORE_INDEX, SETTINGS, DataError, pack, parse_settings, parse_tasks, plan_epoch, read_rows,
-                      select_rows, tokenize_rows)
-    from data.ecinstruct import DATA_SUFFIXES, VAL_FRACTION, describe_counts, hold_out, is_all
+    from data import IGNORE_INDEX, DataError, pack, parse_tasks, plan_epoch, read_rows, select_rows, tokenize_rows
+    from data.ecinstruct import VAL_FRACTION, describe_counts, hold_out, is_all
     from data.batching import plan_stats
     from model import PRESETS, Packing, count_parameters, load_tokenizer
-    from model.load import LOCAL_KINDS, source_kind, source_name
-    from model.cpu import limit_kernel_cache, release_free_memory, rss_gb
+    from model.load import source_kind, source_name
+    from model.cpu import limit_kernel_cache, map_large_blocks, release_free_memory, rss_gb
     from outdir import DiskFull
     from run_folder import FORMAT, RunFolder, RunRefused, data_fingerprint, list_checkpoints, rng_state, set_rng_state
+    from train_config import RunConfig, check_args, parse_args
     from watch import DivergenceWatch, StopSignal, start_processes
 except ModuleNotFoundError as e:   # the system python instead of .venv/bin/python
     missing_package("train.py", e)
 
 BIG_MODEL = 1_000_000_000       # --gradient-checkpointing auto turns it on from this many parameters
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slm-ec" / "data"
 
 
 def fail(message: str, code: int = 1):
     """Stop with one clear line on stderr."""
     print(f"train.py: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-
-# ---- command line ---------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Examples:\n" + __doc__.split("\n\n")[1])
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="smollm2-360m",
-                   help=f"an alias ({', '.join(PRESETS)}), a hub id, a hub-layout folder or a .gguf file "
-                        "(default: %(default)s)")
-    g.add_argument("--quant", choices=["nf4", "none"], default="nf4",
-                   help="nf4: frozen base quantized to 4-bit NormalFloat (QLoRA, the paper's recipe); none: the "
-                        "base stays in --dtype (default: %(default)s)")
-    g.add_argument("--dtype", type=dtype_type("auto", "bf16", "fp32"), default="auto",
-                   help="auto, bf16 or fp32 (bfloat16, float32 too): the dtype the frozen base is loaded (and "
-                        "quantized from) and computes in; LoRA weights are always float32. auto: bf16 on a GPU "
-                        "that has it or on a CPU with native bf16 (amx_bf16 or avx512_bf16 in /proc/cpuinfo), "
-                        "else fp32 (default: %(default)s)")
-    g.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda or cuda:N (auto: cuda when available; under torchrun, cuda:LOCAL_RANK) "
-                        "(default: %(default)s)")
-    g.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="recompute each layer in backward to save memory (non-reentrant). auto: on for models of "
-                        "1B parameters or more (default: %(default)s)")
-
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=16, help="rank r (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="alpha; the update is scaled by alpha/r "
-                                                                   "(default: %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA branch input "
-                                                                   "(default: %(default)s)")
-    g.add_argument("--lora-targets", default="default",
-                   help="default: the paper's (q,k,v,o,gate,up,down and lm_head), no-head: the seven projections "
-                        "only (what vLLM and llama.cpp load), or a comma list of module names (default: %(default)s)")
-    g.add_argument("--init-adapter", default=None, metavar="ADAPTER",
-                   help="start the LoRA weights from this adapter folder instead of the fresh init (the optimizer "
-                        "and schedule start fresh): continue tuning an adapter on more rows. Its r, alpha, targets "
-                        "and base must be this run's")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="NingLab/ECInstruct",
-                   help="the hub dataset id or a local .json/.jsonl/.csv/.parquet file: ECInstruct rows, or rows of "
-                        "your own task (instruction, input, output, task, and optionally split and setting; see the "
-                        "README's 'Your own task'). Rows that name no split are split here: per task, a seeded "
-                        f"{VAL_FRACTION:.0%} (by --seed; none of a task with fewer than 10 rows) is held out for "
-                        "validation, the rest trains (default: %(default)s)")
-    g.add_argument("--tasks", default="all", help="all (every task the dataset holds), or a comma list of task "
-                                                  "names: ECInstruct's (or their abbreviations AVE,PRP,...) or your "
-                                                  "own (default: %(default)s)")
-    g.add_argument("--setting", "--settings", dest="setting", default="IND_Diverse_Instruction", metavar="SETTING",
-                   help="setting(s) to train and validate on, comma-separated: ECInstruct's (" + ", ".join(SETTINGS) +
-                        ") filter ECInstruct rows; other names filter your own tasks' rows, which are taken whole "
-                        "when none is named (default: %(default)s)")
-    g.add_argument("--skip-invalid", action="store_true", help="leave invalid dataset rows out (counted on stderr) "
-                                                               "instead of stopping at the first")
-    g.add_argument("--cutoff", type=int, default=2048,
-                   help="maximum tokens per example; longer inputs are shortened, the answer is kept "
-                        "(default: %(default)s)")
-    g.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
-                   help="alpaca: eCeLLM's prompt (base models); chat: the checkpoint's chat template "
-                        "(default: %(default)s)")
-    g.add_argument("--train-on-inputs", action="store_true", help="also train on the prompt tokens (eCeLLM: off)")
-    g.add_argument("--val-size", type=int, default=1000,
-                   help="rows of the val split in the seeded validation subset; 0: no validation "
-                        "(default: %(default)s)")
-    g.add_argument("--max-train-rows", type=int, default=None,
-                   help="train on a seeded random subset of this many rows (quick runs)")
-    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
-                   help="tokenized-data cache; '' to turn it off (default: $XDG_CACHE_HOME/slm-ec/data, "
-                        "that is %(default)s)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--epochs", type=int, default=3, help="passes over the training rows (default: %(default)s)")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps; the schedule is laid over them (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=128,
-                   help="sequences per optimizer step, the effective batch over micro-batches and ranks "
-                        "(default: %(default)s)")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384,
-                   help="most tokens in a micro-batch (per rank): a step's rows run end to end in as few "
-                        "micro-batches as fit, nothing computed on padding; lower it on out-of-memory. Changes speed "
-                        "and memory, not the gradient (default: %(default)s)")
-    g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warm-up before the "
-                                                                    "cosine decay (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm; 0: no clipping "
-                                                                    "(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=42, help="seeds LoRA init, dropout, data order and the val subset "
-                                                        "(default: %(default)s)")
-    g.add_argument("--diverge-factor", type=float, default=3.0,
-                   help="stop when the loss stays above this many times its start (the mean of the first 10 "
-                        "steps) for --diverge-steps steps in a row; 0: never (default: %(default)s)")
-    g.add_argument("--diverge-steps", type=int, default=10,
-                   help="consecutive steps of a loss above --diverge-factor times its start that stop the run "
-                        "(default: %(default)s)")
-    g.add_argument("--loss-chunk-tokens", type=int, default=2048,
-                   help="supervised positions per lm_head + cross-entropy chunk (memory, not maths) "
-                        "(default: %(default)s)")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output folder (default: runs/<model name>)")
-    g.add_argument("--save-every", type=int, default=100,
-                   help="write a checkpoint every K optimizer steps (also at each epoch end and at the end) "
-                        "(default: %(default)s)")
-    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (default: %(default)s)")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="also compute the validation loss every N steps (it always runs at the start, at each "
-                        "epoch end and at the end)")
-    g.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="auto: continue from the newest checkpoint in --out (start fresh if there is none); "
-                        "PATH: a checkpoint folder or a run folder")
-    g.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run "
-                                                            "(its run files are deleted)")
-    g.add_argument("--log-every", type=int, default=10, help="steps between printed progress lines when there is "
-                                                             "no progress bar (default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (train_log.jsonl is still written)")
-    g.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit "
-                   "(a file --config reads back)")
-    g.add_argument("--config", default=None, metavar="FILE",
-                   help="read the flags from FILE: what --print-config writes, or a JSON object of flag names "
-                        "(lora_r, lr, ...) and values; flags given on the command line override it")
-    g.add_argument("--dry-run", action="store_true",
-                   help="load the tokenizer and the data only: print statistics and one rendered example, and exit")
-    # Test-only: make the loss of this step NaN (shows the non-finite-loss handling); make the last rank fail at
-    # this step (shows that its peers stop too).
-    p.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    return p
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every flag of a run, built once from the command line (and --config), checked and in canonical form by
-    check_args, and never changed after: --tasks in one order and spelling, --setting a canonical list, --dtype one
-    word (auto, bf16, fp32; the torch dtype it resolves to is config.json's "dtype"). Its recipe fields are
-    config.json's "args", what --print-config writes and --config reads back."""
-    # model
-    model: str
-    quant: str
-    dtype: str
-    device: str
-    gradient_checkpointing: str
-    # LoRA
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_targets: str
-    init_adapter: str | None
-    # data
-    dataset: str
-    tasks: str
-    setting: str
-    skip_invalid: bool
-    cutoff: int
-    template: str
-    train_on_inputs: bool
-    val_size: int
-    max_train_rows: int | None
-    cache_dir: str
-    # optimisation
-    lr: float
-    epochs: int
-    max_steps: int | None
-    batch_size: int
-    micro_batch_tokens: int
-    warmup_ratio: float
-    weight_decay: float
-    max_grad_norm: float
-    seed: int
-    diverge_factor: float
-    diverge_steps: int
-    loss_chunk_tokens: int
-    # output
-    out: str | None
-    save_every: int
-    keep_last: int
-    eval_every: int | None
-    log_every: int
-    no_progress: bool
-    # this invocation's, not the recipe's (NOT_RECIPE)
-    resume: str | None
-    overwrite: bool
-    print_config: bool
-    dry_run: bool
-    config: str | None
-    debug_nan_at_step: int | None
-    debug_fail_at_step: int | None
-
-    def recipe(self) -> dict:
-        """The recipe fields by name: config.json's "args"."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_RECIPE}
-
-
-# Flags of one invocation, not of the run's recipe: config.json and --print-config leave them out, --config
-# refuses them.
-NOT_RECIPE = ("config", "print_config", "dry_run", "resume", "overwrite", "debug_nan_at_step", "debug_fail_at_step")
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """The flags: those of --config FILE first, then the command line's, so that a flag given overrides the file."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--config", default=None)
-    path = first.parse_known_args(argv)[0].config
-    return parser.parse_args((config_words(parser, path) if path else []) + argv)
-
-
-def config_words(parser: argparse.ArgumentParser, path: str) -> list[str]:
-    """--config FILE as command-line words: the "args" of a --print-config output (or of a run's config.json), or a
-    JSON object of flag names and values. A key that is not a recipe flag, or a value of the wrong kind, stops with
-    one line naming the file and the key."""
-    file = Path(path).expanduser()
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        parser.error(f"--config {file}: not a readable JSON file ({e})")
-    flags = data.get("args", data) if isinstance(data, dict) else None
-    if not isinstance(flags, dict):
-        parser.error(f"--config {file}: expected a JSON object of flags (what --print-config writes)")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_RECIPE + ("help",)}
-    words = []
-    for key, value in flags.items():
-        action = actions.get(key)
-        if action is None:
-            parser.error(f"--config {file}: {key!r} is not a train.py flag of the run's recipe")
-        flag = next(o for o in action.option_strings if o.startswith("--"))
-        switch = isinstance(action, argparse._StoreTrueAction)
-        kind = bool if switch else {int: int, float: (int, float)}.get(action.type, str)
-        if value is None and not switch:
-            if action.default is not None:
-                parser.error(f"--config {file}: {key} is null; give a value or leave the key out")
-            continue
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            wanted = {bool: "true or false", int: "an integer", str: "a string"}.get(kind, "a number")
-            parser.error(f"--config {file}: {key} must be {wanted}, got {value!r}")
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"--config {file}: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
-        words += ([flag] if value else []) if switch else [flag, str(value)]
-    return words
-
-
-def check_args(args: argparse.Namespace, parser) -> RunConfig:
-    """The run's RunConfig: value checks argparse cannot do (each failure is one line and exit code 2), the
-    canonical spellings."""
-    checks = [
-        (args.lora_r >= 1, f"--lora-r must be at least 1 (got {args.lora_r})"),
-        (args.lora_alpha > 0, f"--lora-alpha must be positive (got {args.lora_alpha})"),
-        (0 <= args.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})"),
-        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number (got {args.lr})"),
-        (args.epochs >= 1, f"--epochs must be at least 1 (got {args.epochs})"),
-        (args.max_steps is None or args.max_steps >= 1, f"--max-steps must be at least 1 (got {args.max_steps})"),
-        (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
-        (args.cutoff >= 16, f"--cutoff must be at least 16 tokens (got {args.cutoff})"),
-        (args.micro_batch_tokens >= args.cutoff,
-         f"--micro-batch-tokens ({args.micro_batch_tokens}) must be at least --cutoff ({args.cutoff}): one "
-         "example must fit in a micro-batch (lower --cutoff too)"),
-        (0 <= args.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})"),
-        (args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})"),
-        (args.max_grad_norm >= 0, f"--max-grad-norm must be 0 (off) or more (got {args.max_grad_norm})"),
-        (args.val_size >= 0, f"--val-size must be 0 or more (got {args.val_size})"),
-        (args.max_train_rows is None or args.max_train_rows >= 1,
-         f"--max-train-rows must be at least 1 (got {args.max_train_rows})"),
-        (args.loss_chunk_tokens >= 1, f"--loss-chunk-tokens must be at least 1 (got {args.loss_chunk_tokens})"),
-        (args.diverge_factor == 0 or (args.diverge_factor > 1 and math.isfinite(args.diverge_factor)),
-         f"--diverge-factor must be 0 (off) or a number above 1 (got {args.diverge_factor})"),
-        (args.diverge_steps >= 1, f"--diverge-steps must be at least 1 (got {args.diverge_steps})"),
-        (args.save_every >= 1, f"--save-every must be at least 1 (got {args.save_every})"),
-        (args.keep_last >= 1, f"--keep-last must be at least 1 (got {args.keep_last})"),
-        (args.eval_every is None or args.eval_every >= 1, f"--eval-every must be at least 1 (got {args.eval_every})"),
-        (args.log_every >= 1, f"--log-every must be at least 1 (got {args.log_every})"),
-        (not (args.resume and args.overwrite), "--resume and --overwrite contradict each other; pass one"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
-    try:   # one spelling per run: PM,PRP and prp,Product_Matching are the same run
-        args.tasks = "all" if is_all(args.tasks) else ",".join(parse_tasks(args.tasks))
-    except ValueError as e:
-        parser.error(f"--tasks: {e}")
-    try:
-        args.setting = ",".join(parse_settings(args.setting) or SETTINGS)   # one spelling in config.json
-    except ValueError as e:
-        parser.error(f"--setting: {e}")
-    text, path, kind = args.model, Path(args.model).expanduser(), source_kind(args.model)
-    if kind in LOCAL_KINDS and not path.exists():
-        parser.error(f"--model {text}: no such file or folder")
-    if kind == "gguf" and not path.is_file():
-        parser.error(f"--model {text}: not a file")
-    if kind == "unknown":
-        parser.error(f"--model {text!r} is not a known alias ({', '.join(PRESETS)}), a hub id (org/name), a folder "
-                     "or a .gguf file")
-    dpath = Path(args.dataset).expanduser()
-    data_local = args.dataset.lower().endswith(DATA_SUFFIXES) or args.dataset.startswith((".", "/", "~"))
-    if data_local and not dpath.is_file():
-        parser.error(f"--dataset {args.dataset}: no such file")
-    if args.resume not in (None, "auto") and not Path(args.resume).expanduser().is_dir():
-        parser.error(f"--resume {args.resume}: no such folder (pass auto, a checkpoint folder or a run folder)")
-    if args.init_adapter is not None:
-        check_init_adapter(args, parser)
-    return RunConfig(**vars(args))
-
-
-def check_init_adapter(args, parser) -> None:
-    """--init-adapter: an adapter folder whose r and alpha are this run's (targets and shapes are checked when the
-    weights are copied in, the base by its fingerprint)."""
-    from lora import read_adapter_config
-
-    try:
-        cfg = read_adapter_config(Path(args.init_adapter).expanduser())
-    except (OSError, ValueError) as e:
-        parser.error(f"--init-adapter: {e}")
-    for flag, key, ours in (("--lora-r", "r", args.lora_r), ("--lora-alpha", "lora_alpha", args.lora_alpha)):
-        if cfg[key] != ours:
-            parser.error(f"--init-adapter {args.init_adapter}: its {key} is {cfg[key]}, this run's {flag} is {ours}: "
-                         f"pass {flag} {cfg[key]}")
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -502,14 +184,14 @@ def describe_data(train_rows: list[dict], data: Data, args, tokenizer) -> str:
 
 # ---- model ------------------------------------------------------------------------------------------
 
-def load_base(args, dtype, device, say):
-    """(the frozen base, its tokenizer): lora.base.load_base, which says in one line what it loads. With --quant nf4
-    each linear layer is quantized as it is read, so the dense base is never held whole."""
-    from lora.base import load_base as load_chosen_base
+def load_frozen_base(args, dtype, device, tokenizer, say):
+    """The frozen base: lora.base.load_base, which says in one line what it loads. With --quant nf4 each linear layer
+    is quantized as it is read, so the dense base is never held whole; `tokenizer` (read with the data) is not read
+    again."""
+    from lora.base import load_base
 
     try:
-        model, tokenizer, _ = load_chosen_base(args.model, args.quant, dtype, device, say=say)
-        return model, tokenizer
+        return load_base(args.model, args.quant, dtype, device, say=say, tokenizer=tokenizer)[0]
     except ImportError as e:
         fail(f"--quant nf4 needs bitsandbytes ({e}); install it or pass --quant none")
     except (OSError, RuntimeError, ValueError) as e:
@@ -594,22 +276,40 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def packed_micro_batch(tokenized, micro_batch: list[int], device) -> tuple[torch.Tensor, torch.Tensor, Packing]:
-    """A micro-batch padding-free: ids and labels (1, N), its rows end to end, and their Packing."""
-    b = pack([tokenized.input_ids[i] for i in micro_batch], [tokenized.labels[i] for i in micro_batch])
+# On a CPU computing in bf16/fp16 a micro-batch's token count is rounded up to a multiple of this (data.pack's filler
+# row, which no loss sees) and each row's attention length too (model.Packing's block): PyTorch's low-precision CPU
+# kernels are built and kept for every shape they meet, so rows and micro-batches of ever-new lengths made a run's
+# memory climb step after step; with lengths in steps of 64 it stays flat (bench/train_memory.py, README). float32
+# keeps no such kernels and gets neither.
+FILL_TO = 64
+
+
+def token_multiple(device: torch.device, dtype_name: str) -> int:
+    """The multiple micro-batches and attention rows are filled up to: FILL_TO on a CPU in bfloat16 or float16, else
+    1 (none)."""
+    return FILL_TO if device.type == "cpu" and dtype_name in ("bfloat16", "float16") else 1
+
+
+def packed_micro_batch(tokenized, micro_batch: list[int], device,
+                       multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, Packing]:
+    """A micro-batch padding-free: ids and labels (1, N), its rows end to end (and a filler row up to a multiple of
+    `multiple` tokens, which no loss sees: see FILL_TO), and their Packing (attention rows padded to `multiple`)."""
+    b = pack([tokenized.input_ids[i] for i in micro_batch], [tokenized.labels[i] for i in micro_batch],
+             multiple=multiple)
     return (b["input_ids"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True),
-            Packing(b["lengths"], device))
+            Packing(b["lengths"], device, block=multiple))
 
 
 @torch.no_grad()
-def validation_loss(model, val, micro_batches, val_sup, *, device, rank, world, chunk) -> tuple[float, int]:
+def validation_loss(model, val, micro_batches, val_sup, *, device, rank, world, chunk,
+                    multiple: int = 1) -> tuple[float, int]:
     """Mean cross-entropy per supervised token over the validation subset (dropout off), all ranks."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for mb in micro_batches[rank::world]:
-        ids, labels, packing = packed_micro_batch(val, mb, device)
+        ids, labels, packing = packed_micro_batch(val, mb, device, multiple)
         total += token_loss_sum(model, ids, labels, chunk, packing).double()
         count += int(val_sup[mb].sum())
     both = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
@@ -673,6 +373,7 @@ class Trainer:
         self.val_micro = plan_epoch(val.lengths, epoch=0, seed=a.seed, seqs_per_step=len(val),
                                     max_tokens=a.micro_batch_tokens)[0] if val is not None else []
         self.say = print if self.rank == 0 else (lambda *x, **k: None)
+        self.token_multiple = token_multiple(self.device, self.config["dtype"])   # see FILL_TO
 
     def resume(self, candidates: list[Path]) -> Path | None:
         """Continue exactly where the newest loadable checkpoint left off; a damaged one is reported and the one
@@ -731,7 +432,8 @@ class Trainer:
         if d.val is None:
             return None
         loss, tokens = validation_loss(self.model, d.val, self.val_micro, d.val_sup, device=self.device,
-                                       rank=self.rank, world=self.world, chunk=self.args.loss_chunk_tokens)
+                                       rank=self.rank, world=self.world, chunk=self.args.loss_chunk_tokens,
+                                       multiple=self.token_multiple)
         improved = p.best_val is None or loss < p.best_val
         if improved:
             p.best_val, p.best_step = loss, p.step
@@ -769,7 +471,7 @@ class Trainer:
         try:
             for mb in micro[self.rank::self.world]:
                 n_tokens = sum(int(d.train.lengths[i]) for i in mb)   # for the out-of-memory line (ids may not exist)
-                ids, labels, packing = packed_micro_batch(d.train, mb, self.device)
+                ids, labels, packing = packed_micro_batch(d.train, mb, self.device, self.token_multiple)
                 loss = token_loss_sum(self.model, ids, labels, a.loss_chunk_tokens, packing) / n_sup
                 if a.debug_nan_at_step is not None and p.step + 1 == a.debug_nan_at_step:
                     loss = loss * float("nan")
@@ -807,6 +509,8 @@ class Trainer:
             self.stop_diverged(p.step + 1, "the update left adapter weights that are not finite or beyond float32",
                                suspect)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":
+            release_free_memory()   # the step's freed activations go back to the OS: a flat peak (model/cpu.py)
         dt = time.perf_counter() - t0
         p.elapsed += dt
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": n_tok, "supervised_tokens": n_sup,
@@ -978,16 +682,17 @@ def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = check_args(parse_args(parser, argv), parser)
+    args, parser = parse_args(argv, description=__doc__.split("\n\n")[0], epilog="Examples:\n" + __doc__.split("\n\n")[1])
+    args = check_args(args, parser)
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
     device, dtype = place(args, device, world, rank, local_rank)
-    if device.type == "cpu":
-        limit_kernel_cache()   # before the first matrix product (model/cpu.py)
+    if device.type == "cpu":   # memory that stays flat over a run (model/cpu.py)
+        limit_kernel_cache()   # before the first matrix product
+        map_large_blocks()
     say = print if rank == 0 else (lambda *a, **k: None)
     config = run_config(args, device, dtype, world)
     if args.print_config:
@@ -1013,11 +718,13 @@ def main(argv: list[str] | None = None) -> int:
                 resume_from = folder.open(held, resume=args.resume, overwrite=args.overwrite, config=config, say=say)
             except RunRefused as e:
                 fail(str(e), 2)
-            model, _ = load_base(args, dtype, device, say)
+            model = load_frozen_base(args, dtype, device, tokenizer, say)
             trainer = build_trainer(args, model, tokenizer, data, folder, config, dtype, device, rank, world, say)
             resumed = trainer.resume(resume_from)
             folder.start(config, resumed_at=trainer.progress.step if resumed else None, overwrite=args.overwrite,
-                         say=say)
+                         say=say, tensorboard=args.log == "tensorboard")
+            if folder.tensorboard is not None:
+                held.callback(folder.tensorboard.close)
             p = trainer.progress
             say(f"resumed from {resumed} at step {p.step} (epoch {p.epoch}, step {p.pos} of it)" if resumed
                 else f"writing to {folder.out}")

@@ -91,6 +91,23 @@ def bench_models(args, tmp: Path, dtype):
         yield source.stem, folder, tokenizer_for(folder, None)
 
 
+def run_peer_bench(args, *, worker, measure, report, dtype_name, dtypes: dict) -> int:
+    """main() of the benchmarks that measure ours beside a peer (train_throughput, generate_throughput): with
+    --worker SPEC this process is one side's worker; else each model of bench_models is measured in the dtype
+    dtype_name(args, device) names (a key of `dtypes`): measure(label, folder, tokenizer, args, device, name) -> its
+    table lines, each side in a worker; the report is printed (and written, with --out)."""
+    if args.worker:
+        worker(args.worker)
+        return 0
+    device = pick_device(args.device)
+    name = dtype_name(args, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = [line for label, folder, tokenizer in bench_models(args, Path(tmp), dtypes[name])
+                 for line in measure(label, folder, tokenizer, args, device, name)]
+    publish_report(report(lines, args, name), lines, args.out)
+    return 0
+
+
 def publish_report(text: str, lines: list[dict], out: str | None) -> None:
     """Print the markdown report; with --out, also write it (report.md) and the rows (results.json) there."""
     print(text)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -239,17 +238,8 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        worker(args.worker)
-        return 0
-    device = common.pick_device(args.device)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    with tempfile.TemporaryDirectory() as tmp:
-        lines = [line for label, folder, tokenizer in common.bench_models(args, Path(tmp), DTYPES[dtype_name])
-                 for line in measure_model(label, folder, tokenizer, args, device, dtype_name)]
-    common.publish_report(report(lines, args, dtype_name), lines, args.out)
-    return 0
+    return common.run_peer_bench(parse_args(argv), worker=worker, measure=measure_model, report=report, dtypes=DTYPES,
+                                 dtype_name=lambda args, device: args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Runs train.py (of this checkout, and of each --code DIR, another checkout such a
 as a child process with the same flags (default: NF4, 48 steps of 8 rows, validation every 4 steps on 100 rows:
 13 validation passes), and reads the child's /proc/PID/status each time it prints a validation line: VmRSS (the
 memory it holds now) and VmHWM (the peak so far, what train.py's `mem` shows). Prints one table per checkout and
-the growth from the first validation to the last; with --out, writes the figures as JSON.
+the growth from the second validation to the last, and the run's wall time; with --out, writes the figures as
+JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +43,9 @@ def status_gb(pid: int) -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def measure(code: Path, argv: list[str]) -> list[dict]:
-    """[{step, rss_gb, peak_gb}] at each validation line of one train.py run of the checkout `code`."""
+def measure(code: Path, argv: list[str]) -> tuple[list[dict], float]:
+    """([{step, rss_gb, peak_gb}] at each validation line, wall seconds) of one train.py run of the checkout `code`."""
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen([sys.executable, "-u", str(code / "train.py"), *argv, "--out", str(Path(tmp) / "run")],
                                 cwd=code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -53,7 +56,7 @@ def measure(code: Path, argv: list[str]) -> list[dict]:
                 points.append({"step": int(m.group(1)), "rss_gb": round(rss, 3), "peak_gb": round(peak, 3)})
         if proc.wait() != 0:
             raise SystemExit(f"train.py of {code} failed (exit {proc.returncode})")
-    return points
+    return points, time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -70,9 +73,9 @@ def main(argv=None) -> int:
              *(args.train_flags or DEFAULT_FLAGS)]
     results = {}
     for code in [*args.code, ROOT]:
-        points = measure(code.resolve(), flags)
-        results[str(code)] = points
-        print(f"\n{code} ({len(points)} validation passes):")
+        points, seconds = measure(code.resolve(), flags)
+        results[str(code)] = {"points": points, "seconds": round(seconds, 1)}
+        print(f"\n{code} ({len(points)} validation passes, {seconds:.0f} s):")
         print(f"{'step':>6} {'RSS now (GB)':>13} {'peak (GB)':>10}")
         for pt in points:
             print(f"{pt['step']:>6} {pt['rss_gb']:>13.2f} {pt['peak_gb']:>10.2f}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -209,19 +208,13 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        worker(args.worker)
-        return 0
     from model.cpu import compute_dtype
 
-    device = common.pick_device(args.device)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype(args.dtype, device)]
-    with tempfile.TemporaryDirectory() as tmp:
-        lines = [measure_model(label, folder, tokenizer, args, device, dtype_name)
-                 for label, folder, tokenizer in common.bench_models(args, Path(tmp), DTYPES[dtype_name])]
-    common.publish_report(report(lines, args, dtype_name), lines, args.out)
-    return 0
+    def dtype_name(args, device) -> str:   # --dtype auto: bf16 where it is native, as train.py decides
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}[compute_dtype(args.dtype, device)]
+
+    return common.run_peer_bench(parse_args(argv), worker=worker, measure=lambda *a: [measure_model(*a)],
+                                 report=report, dtype_name=dtype_name, dtypes=DTYPES)
 
 
 if __name__ == "__main__":

@@ -103,13 +103,17 @@ def collate(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
     return {"input_ids": ids, "labels": out_labels, "attention_mask": mask}
 
 
-def pack(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict:
+def pack(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *, multiple: int = 1) -> dict:
     """Lay a micro-batch's rows end to end, without padding (train.py's layout; model.Packing runs it).
 
     Returns input_ids (1, N) long and labels (1, N) long, N = the rows' total length, and `lengths`,
     the rows' lengths in order. Each row's first label becomes -100: labels[0] is never a target
     (labels are aligned with input_ids, position t predicts labels[t + 1]), and in the packed
     sequence the last token of one row must not be asked to predict the first of the next.
+
+    multiple > 1: N is rounded up to a multiple of it by one more row of token 0, every label -100 (so no
+    loss sees it, and as a row of its own it attends to nothing else), its length last in `lengths`;
+    `filler` is its length (0 when none was needed). train.py does so on a CPU in bf16/fp16: see FILL_TO there.
     """
     if len(input_ids) != len(labels) or not input_ids:
         raise ValueError("pack needs as many label rows as id rows, and at least one row")
@@ -117,8 +121,12 @@ def pack(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) ->
     for b, (n, y) in enumerate(zip(lengths, labels)):
         if n != len(y) or n == 0:
             raise ValueError(f"row {b}: {n} ids but {len(y)} labels (and a row needs at least one token)")
-    ids = torch.as_tensor(np.concatenate([np.asarray(x, dtype=np.int64) for x in input_ids]))[None]   # (1, N)
-    out_labels = torch.as_tensor(np.concatenate([np.asarray(y, dtype=np.int64) for y in labels]))[None]
+    filler = -sum(lengths) % multiple
+    rows = [np.asarray(x, dtype=np.int64) for x in input_ids] + ([np.zeros(filler, dtype=np.int64)] if filler else [])
+    ids = torch.as_tensor(np.concatenate(rows))[None]                                          # (1, N)
+    out_labels = torch.as_tensor(np.concatenate([np.asarray(y, dtype=np.int64) for y in labels]
+                                                + ([np.full(filler, IGNORE_INDEX)] if filler else [])))[None]
+    lengths += [filler] if filler else []
     starts = np.cumsum([0] + lengths[:-1])
     out_labels[0, torch.as_tensor(starts)] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": out_labels, "lengths": lengths}
+    return {"input_ids": ids, "labels": out_labels, "lengths": lengths, "filler": filler}

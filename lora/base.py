@@ -115,9 +115,10 @@ class BaseChoice:
         adapter = f"; adapter {self.adapter}{' merged' if merged else ''}" if self.adapter else ""
         return ", ".join(what) + adapter
 
-    def load(self, *, merge: bool = False, say=_stderr):
+    def load(self, *, merge: bool = False, say=_stderr, tokenizer=None):
         """(model, tokenizer) as chosen: the base (NF4: each linear quantized as read), its fingerprint checked
-        against base.json, the adapter applied and, with `merge`, merged; eval mode. `say` gets the one line."""
+        against base.json, the adapter applied and, with `merge`, merged; eval mode. `say` gets the one line;
+        `tokenizer`: the source's, read already by the caller (model.load_model does not read it again)."""
         from functools import partial
 
         from model import load_model
@@ -126,7 +127,8 @@ class BaseChoice:
 
         say(self.line(merged=merge))
         quantize = partial(quantize_nf4, compute_dtype=self.dtype) if self.quant == "nf4" else None
-        model, tokenizer = load_model(self.source, dtype=self.dtype, device=self.device, quantize_linear=quantize)
+        model, tokenizer = load_model(self.source, dtype=self.dtype, device=self.device, quantize_linear=quantize,
+                                      tokenizer=tokenizer)
         if self.adapter:
             self.check_fingerprint(model)
             load_adapter(model, self.adapter, quantize=None if self.quant == "none" else self.quant,
@@ -214,8 +216,9 @@ def choose_base(source: str | None, quant: str | None = None, dtype: str | torch
 
 def load_base(source: str | None, quant: str | None = None, dtype: str | torch.dtype = "auto",
               device: str | torch.device = "auto", adapter: str | None = None, *, merge: bool = False,
-              say=_stderr, warn=_stderr):
-    """(model, tokenizer, BaseChoice): choose_base(...) then its load(merge=, say=); see the module docstring."""
+              say=_stderr, warn=_stderr, tokenizer=None):
+    """(model, tokenizer, BaseChoice): choose_base(...) then its load(merge=, say=, tokenizer=); see the module
+    docstring."""
     choice = choose_base(source, quant, dtype, device, adapter, warn=warn)
-    model, tokenizer = choice.load(merge=merge, say=say)
+    model, tokenizer = choice.load(merge=merge, say=say, tokenizer=tokenizer)
     return model, tokenizer, choice

@@ -41,9 +41,8 @@ import torch
 import torch.nn as nn
 
 from model.config import read_json_object
-from outdir import (DiskFull, disk_full, fsync_path, fsync_tree, is_disk_full, read_marker, remove_path, swap_in,
-                    write_atomic)
-from model.gguf import NonFiniteError
+from outdir import (DiskFull, NonFiniteError, disk_full, fsync_path, fsync_tree, is_disk_full, read_marker,
+                    remove_path, swap_in, write_atomic)
 
 from .apply import HEAD, apply_lora, lora_layers, resolve_targets
 from .layer import LoRALinear

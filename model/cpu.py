@@ -105,21 +105,41 @@ KERNEL_CACHE = 64   # oneDNN primitives kept (its default: 1024)
 def limit_kernel_cache(capacity: int = KERNEL_CACHE) -> None:
     """Keep oneDNN's cache of compiled kernels ("primitives", one per operation and tensor shape) to `capacity`
     entries, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is set already; call before the first matrix product (oneDNN
-    reads the variable once, at its first use). Packed micro-batches give every step a new token count, so every
-    step compiles new kernels and the default cache of 1024 keeps filling with shapes that never come back
-    (bench/train_memory.py, 24 steps, 13 validations: resident memory after each validation +61% from the second to
-    the last with 1024 entries, +34% with 64, at the same speed: 205 s and 204 s). A step of one shape reuses its
-    layers' kernels (about 30 distinct ones), which 64 entries hold."""
+    reads the variable once, at its first use). Packed micro-batches come in many token counts (train.py rounds them
+    to multiples of 64: up to --micro-batch-tokens / 64 of them), each with its own kernels, and the default cache
+    keeps 1,024 of them; a step of one shape reuses its layers' kernels (about 30 distinct ones), which 64 hold
+    (bench/train_memory.py, before the rounding: resident memory +61% over 13 validations with 1,024 entries, +34%
+    with 64, at the same speed)."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+MMAP_THRESHOLD = 4 * 2**20   # bytes: blocks this large or larger get their own mapping (map_large_blocks)
+
+
+def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc's malloc give every block of `threshold` bytes or more its own mapping, handed back to the OS the
+    moment it is freed (mallopt M_MMAP_THRESHOLD; glibc's own rule raises the threshold up to 32 MB as blocks are
+    freed, so activations of 1-32 MB live in the heap). True when set; nothing is done where the environment sets
+    MALLOC_MMAP_THRESHOLD_ (that choice stands: 33554432 is glibc's own ceiling) or without glibc.
+
+    Why: a CPU training step frees and allocates activations of a few MB by the thousand; in the heap, where they
+    land depends on what the steps before left, so a step's peak stepped up now and then. Mapped on their own, they
+    leave no such history: bench/train_memory.py (200 steps, 11 validations, 2,304 Walmart-Amazon rows,
+    bf16, the README's command): peak 2.76 -> 3.53 GB without, 2.56 -> 2.75 GB with, in 800 s and 891 s (fresh pages
+    cost their page faults)."""
+    libc = _glibc()
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(-3, threshold))   # M_MMAP_THRESHOLD in malloc.h
 
 
 def release_free_memory() -> None:
     """Hand back to the OS the memory glibc's malloc still holds after torch freed it: malloc_trim(0) (no-op
-    without glibc). A CPU training step allocates tensors of sizes that change with every packed micro-batch;
-    glibc serves them from its heaps and arenas and keeps what is freed there, fragmented, so a process's RSS
-    climbs step after step and validation after validation without any live tensor more (bench/train_memory.py:
-    4.08 GB held after 33 steps of the sample without a trim, 1.72 GB with one after every step; train.py trims
-    after each validation only, since a trim after every step cost a third of its throughput)."""
+    without glibc). A CPU training step frees about as much as it allocates (activations, dequantized weights),
+    and glibc keeps what is freed in its heap, fragmented: without a trim the resident memory after a step and the
+    peak during the next one drift up step by step. train.py trims after every step and every validation on a CPU
+    (a trim after every step cost a third of the throughput while kernels piled up; with the shapes bounded,
+    train.FILL_TO and model.llama.pad_to_block, its cost no longer shows against the step)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from outdir import NonFiniteError
+
 from .config import PRESETS, ModelConfig
 from .llama import rope_inv_freq
 # tokenizer.py reads tokenizer.ggml.* itself, so the GGUF readers and llama.cpp's token names live there
@@ -41,10 +43,6 @@ _HUB_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HUB_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # --gguf-quant name -> (type of 2-D weights, general.file_type): llama_ftype ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 GGUF_QUANTS = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7)}
-
-
-class NonFiniteError(ValueError):
-    """A weight holds NaN or inf, or a value beyond the range of the type it is written in."""
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -107,7 +105,8 @@ def _rope_scaling_from_factors(factors: torch.Tensor, config: ModelConfig, path)
                      f"({', '.join(candidates)})")
 
 
-def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def read_gguf(path, tokenizer: Tokenizer | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """(config, weights, tokenizer) of a llama GGUF file; `tokenizer`: the file's, read already (not read again)."""
     import gguf
 
     reader = open_gguf(path)
@@ -115,7 +114,8 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     arch = field("general.architecture", default=None)
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (llama)")
-    tokenizer = Tokenizer.from_gguf(reader, source=path)
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_gguf(reader, source=path)
     names = {t.name for t in reader.tensors}
     try:
         n_head = field("llama.attention.head_count", int)

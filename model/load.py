@@ -238,23 +238,26 @@ def build_model(config: ModelConfig, state, *, dtype: torch.dtype, device,
 
 
 def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *,
-               quantize_linear: Callable[[nn.Linear], nn.Module] | None = None) -> tuple[Llama, Tokenizer]:
+               quantize_linear: Callable[[nn.Linear], nn.Module] | None = None,
+               tokenizer: Tokenizer | None = None) -> tuple[Llama, Tokenizer]:
     """(model, tokenizer) from an alias (`smollm2-360m`), a hub id, a hub-layout folder or a .gguf file.
 
     quantize_linear: applied to every linear layer but lm_head while the weights load (see the
-    module docstring); a hub-layout folder is then read one tensor at a time.
+    module docstring); a hub-layout folder is then read one tensor at a time. tokenizer: the source's,
+    when the caller has read it already (load_tokenizer(source)): returned as it is, not read again.
     """
     kind, path = resolve_source(source)
     if kind == "gguf":
         from .gguf import read_gguf
 
-        config, state, tokenizer = read_gguf(path)
+        config, state, tokenizer = read_gguf(path, tokenizer)
     else:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json")
         config = ModelConfig.from_json(path / "config.json")
         state = SafetensorsFolder(path) if quantize_linear is not None else read_safetensors(path, device="cpu")
-        tokenizer = Tokenizer.from_dir(path)
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_dir(path)
     config.name = PRESETS[str(source)][0] if str(source) in PRESETS else config.name or str(source)
     model = build_model(config, state, dtype=dtype, device=device, quantize_linear=quantize_linear)
     return model.eval(), tokenizer

@@ -1,5 +1,6 @@
-"""The peer benchmarks keep working: bench/generate_throughput.py and bench/train_throughput.py on the
-tiny random model, every side in its own process, in seconds (the figures themselves mean nothing here)."""
+"""The benchmarks keep working: bench/generate_throughput.py and bench/train_throughput.py on the
+tiny random model, every side in its own process, and bench/attention_memory.py on a few rows, in seconds (the
+figures themselves mean nothing here)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,10 @@ def test_train_throughput_smoke(tmp_path, capsys):
     assert abs(ours["losses"][0] - peer["losses"][0]) < 1e-3 * peer["losses"][0]   # B = 0: the NF4 base's loss
     assert all(math.isfinite(l) for l in ours["losses"] + peer["losses"])
     assert line["ratio_tokens_per_s"] > 0 and line["ratio_peak_memory"] > 0
+
+
+def test_attention_memory_smoke(capsys):
+    """bench/attention_memory.py: both sides run (each in its own process) and print their line."""
+    assert load_script("attention_memory").main(["--calls", "3", "--min-len", "20", "--max-len", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "as they are" in out and "rounded up to 64" in out

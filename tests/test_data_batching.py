@@ -96,3 +96,13 @@ def test_pack_lays_rows_end_to_end_and_masks_each_first_label():
         pack([[1], [1, 2]], [[1], [2]])
     with pytest.raises(ValueError, match="at least one row"):
         pack([], [])
+
+
+def test_pack_fills_to_a_multiple_with_a_row_no_loss_sees():
+    ids, labels = [[5, 6, 7], [1, 2, 3, 4]], [[5, 6, 7], [-100, -100, 3, 4]]
+    batch = pack(ids, labels, multiple=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 2, 3, 4, 0]] and batch["filler"] == 1
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 3, 4, -100]]
+    assert batch["lengths"] == [3, 4, 1]                       # the filler is a row of its own: it attends to itself
+    assert pack(ids, labels, multiple=7)["lengths"] == [3, 4] and pack(ids, labels, multiple=7)["filler"] == 0
+    assert pack(ids, labels, multiple=64)["input_ids"].shape == (1, 64)

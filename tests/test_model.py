@@ -127,6 +127,43 @@ def test_rope_table_made_while_generating_serves_training(tiny_dir):
     assert model.model.embed_tokens.weight.grad is not None
 
 
+@pytest.mark.parametrize("past", [None, [0, 5, 70, 3]])
+def test_attention_padded_to_a_block_changes_no_output(past, monkeypatch):
+    """Packing(block=64) (train.py's on a CPU in bf16): every length attention sees is a multiple of 64, and the
+    outputs and gradients are the unpadded rows' up to rounding (the kernel blocks differ with the length): in bf16
+    as close to float32's as theirs, in float32 within 1e-5; block 1 (generation's) pads nothing."""
+    import torch.nn.functional as F
+
+    import model.llama as llama
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(llama.F, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: seen.append((q.shape[2], k.shape[2])) or sdpa(q, k, *a, **kw))
+    torch.manual_seed(0)
+    lengths = [37, 64, 100, 1]
+    n, keys = sum(lengths), sum(lengths) + sum(past or [])
+    q, k, v = torch.randn(1, 6, n, 32), torch.randn(1, 2, keys, 32), torch.randn(1, 2, keys, 32)
+
+    def attend(dtype, block):
+        seen.clear()
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = Packing(lengths, past=past, block=block).attention(*leaves, gqa=True)
+        return (out, *torch.autograd.grad(out.float().square().sum(), leaves)), list(seen)
+
+    exact, shapes = attend(torch.float32, 1)
+    assert [s for _, s in shapes] == Packing(lengths, past=past).key_lengths   # block 1: as they are
+    padded32, shapes = attend(torch.float32, 64)
+    assert all(a % 64 == 0 and b % 64 == 0 for a, b in shapes), shapes
+    for a, ref in zip(padded32, exact):
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
+    padded, _ = attend(torch.bfloat16, 64)
+    unpadded, _ = attend(torch.bfloat16, 1)
+    for a, b, ref in zip(padded, unpadded, exact):
+        assert torch.isfinite(a).all()
+        error, error_unpadded = ((x.float() - ref).abs().max().item() for x in (a, b))
+        assert error <= 1.25 * error_unpadded + 1e-3, (error, error_unpadded)
+
+
 def test_last_only_is_the_head_on_each_rows_last_token(tiny_dir):
     model, _ = load_model(tiny_dir)
     ids = torch.randint(0, 384, (3, 9))

@@ -477,3 +477,14 @@ def test_defaults_stay_out_of_the_current_directory(tmp_path, monkeypatch, capsy
     assert config["out"] == str(Path("runs") / "my-model")
     cache = Path(config["args"]["cache_dir"])
     assert cache.is_absolute() and cache.parts[-2:] == ("slm-ec", "data") and not cache.is_relative_to(Path.cwd())
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "predict", "export"])
+def test_help_of_every_script_prints(script, capsys):
+    """--help prints every flag and exits 0 (a help text with a bare % once made train.py --help a traceback)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "--model" in text and "Traceback" not in text

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,6 +163,22 @@ def test_packed_micro_batch_equals_the_padded_one(tiny_dir, checkpointing):
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-6, atol=1e-6)
     for gp, p in zip(grads_padded, params):   # fp32 rounding of another attention kernel: ~2e-5 relative
         torch.testing.assert_close(p.grad, gp, rtol=1e-4, atol=1e-6)
+    # the filler row up to 64 tokens (train.FILL_TO: on a CPU in bf16/fp16 only) changes neither the loss nor a gradient
+    assert [train.token_multiple(torch.device(d), dt) for d, dt in
+            (("cpu", "bfloat16"), ("cpu", "float16"), ("cpu", "float32"), ("cuda", "bfloat16"))] == [64, 64, 1, 1]
+    grads_packed = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    filled = pack([r[0] for r in rows], [r[1] for r in rows], multiple=train.FILL_TO)
+    tokenized = SimpleNamespace(input_ids=[r[0] for r in rows], labels=[r[1] for r in rows])
+    ids, _, filled_packing = train.packed_micro_batch(tokenized, [0, 1, 2, 3], torch.device("cpu"), train.FILL_TO)
+    assert torch.equal(ids, filled["input_ids"]) and filled_packing.block == 64 and filled_packing.lengths[-1] == 29
+    assert filled["filler"] == 128 - 99 and filled["input_ids"].shape == (1, 128)
+    loss_filled = train.token_loss_sum(model, filled["input_ids"], filled["labels"], chunk=8,
+                                       packing=Packing(filled["lengths"]))
+    loss_filled.backward()
+    torch.testing.assert_close(loss_filled, loss_packed, rtol=1e-6, atol=1e-6)
+    for gp, p in zip(grads_packed, params):
+        torch.testing.assert_close(p.grad, gp, rtol=1e-5, atol=1e-7)
 
     with torch.no_grad():   # every row's hidden states, packed or alone
         hidden = model(packed["input_ids"], packing=packing, return_hidden=True)[0]   # (N, H)
@@ -358,7 +376,7 @@ def test_bad_flags_exit_2_with_a_message(tiny_dir, rows_file, tmp_path, capsys, 
 # ---- the cheap modes --------------------------------------------------------------------------------
 
 def test_dry_run_loads_no_weights(tiny_dir, rows_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "load_base", lambda *a, **k: pytest.fail("--dry-run loaded the weights"))
+    monkeypatch.setattr(train, "load_frozen_base", lambda *a, **k: pytest.fail("--dry-run loaded the weights"))
     assert train.main(base_args(tiny_dir, rows_file, tmp_path / "run", "--dry-run")) == 0
     out = capsys.readouterr().out
     assert "Attribute_Value_Extraction" in out and "p90" in out and "steps: 3 per epoch, 9 in all" in out
@@ -469,15 +487,64 @@ def test_a_bad_config_file_is_named(tmp_path, content, message, capsys):
     assert e.value.code == 2 and f"--config {tmp_path / 'c.json'}" in err and message in err, err
 
 
-def test_run_config_has_every_flag_and_is_frozen(tiny_dir, rows_file, tmp_path):
-    """RunConfig declares exactly the parser's flags (a new flag must be added to both), and nothing changes it."""
+def test_run_config_fields_are_the_flags_and_it_is_frozen(tiny_dir, rows_file, tmp_path, capsys):
+    """Each RunConfig field is one flag of the parser built from it (shown in --help but the test-only ones, parsed to
+    the field's type), check_args gives it canonical, and nothing changes it after."""
     import dataclasses
 
-    parser = train.build_parser()
-    dests = {a.dest for a in parser._actions if a.dest != "help"}
-    assert {f.name for f in dataclasses.fields(train.RunConfig)} == dests
-    config = train.check_args(parser.parse_args(base_args(tiny_dir, rows_file, tmp_path / "r", "--tasks", "pm,AVE")),
-                              parser)
+    from train_config import RunConfig, build_parser, check_args
+
+    parser = build_parser()
+    dests = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert list(dests) == [f.name for f in dataclasses.fields(RunConfig)]
+    text = parser.format_help()
+    for f in dataclasses.fields(RunConfig):
+        shown = f"--{f.name.replace('_', '-')}" in text
+        assert shown == (not f.name.startswith("debug_")), f.name
+    args = parser.parse_args(base_args(tiny_dir, rows_file, tmp_path / "r", "--tasks", "pm,AVE", "--lora-alpha", "8",
+                                       "--dtype", "float32", "--settings", "IND_Diverse_Instruction"))
+    config = check_args(args, parser)
     assert config.tasks == "Attribute_Value_Extraction,Product_Matching"
+    assert (config.lora_alpha, config.dtype, config.max_train_rows, config.skip_invalid) == (8.0, "fp32", None, False)
+    assert isinstance(config.lora_alpha, float) and isinstance(config.lr, float) and isinstance(config.lora_r, int)
+    assert config.setting == "IND_Diverse_Instruction" and train.RunConfig is RunConfig
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.dtype = "fp32"
+
+
+# ---- --log tensorboard --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tensorboard_mirrors_the_logs_and_a_resume_purges_the_redone_steps(tiny_dir, rows_file, tmp_path):
+    """--log tensorboard: OUT/tensorboard holds train/loss, val/loss, ... at the steps of train_log.jsonl and
+    val_log.jsonl, the same values; a run resumed from step 2 of a 3-step session shows each step once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = base_args(tiny_dir, rows_file, out, "--log", "tensorboard", "--save-every", "2", "--eval-every", "1")
+    assert train.main(args + ["--max-steps", "3"]) == 0
+    shutil.rmtree(out / "checkpoints" / "step-000003")   # as if killed after step 3, before its checkpoint
+    assert train.main(args + ["--max-steps", "4", "--resume", "auto"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    train_log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    val_log = [json.loads(line) for line in (out / "val_log.jsonl").read_text().splitlines()]
+    shown = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("train/loss", "val/loss", "train/lr")}
+    assert [s for s, _ in shown["train/loss"]] == [1, 2, 3, 4] == [r["step"] for r in train_log]
+    assert [v for _, v in shown["train/loss"]] == pytest.approx([r["loss"] for r in train_log], rel=1e-6)
+    assert [v for _, v in shown["train/lr"]] == pytest.approx([r["lr"] for r in train_log], rel=1e-6)
+    assert [s for s, _ in shown["val/loss"]] == [r["step"] for r in val_log] == [0, 1, 2, 3, 4]
+    assert [v for _, v in shown["val/loss"]] == pytest.approx([r["val_loss"] for r in val_log], rel=1e-6)
+
+
+def test_log_tensorboard_without_the_package_is_one_line(tiny_dir, rows_file, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        train.main(base_args(tiny_dir, rows_file, tmp_path / "r", "--log", "tensorboard"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--log tensorboard needs the tensorboard package" in err and "pip install" in err
+    assert not (tmp_path / "r").exists()
