@@ -682,7 +682,8 @@ def build_trainer(args, model, tokenizer, data: Data, folder: RunFolder, config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, parser = parse_args(argv, description=__doc__.split("\n\n")[0], epilog="Examples:\n" + __doc__.split("\n\n")[1])
+    intro, examples = __doc__.split("\n\n")[:2]
+    args, parser = parse_args(argv, description=intro, epilog="Examples:\n" + examples)
     args = check_args(args, parser)
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     try:

@@ -74,8 +74,8 @@ class RunConfig:
     dataset: str = flag("data", "NingLab/ECInstruct", "the hub dataset id or a local .json/.jsonl/.csv/.parquet "
                         "file: ECInstruct rows, or rows of your own task (instruction, input, output, task, and "
                         "optionally split and setting; see the README's 'Your own task'). Rows that name no split "
-                        f"are split here: per task, a seeded {VAL_FRACTION * 100:.0f}%% (by --seed; none of a task with "
-                        "fewer than 10 rows) is held out for validation, the rest trains (default: %(default)s)")
+                        f"are split here: per task, a seeded {VAL_FRACTION * 100:.0f}%% (by --seed; none of a task "
+                        "with fewer than 10 rows) is held out for validation, the rest trains (default: %(default)s)")
     tasks: str = flag("data", "all", "all (every task the dataset holds), or a comma list of task names: "
                       "ECInstruct's (or their abbreviations AVE,PRP,...) or your own (default: %(default)s)")
     setting: str = flag("data", "IND_Diverse_Instruction", "setting(s) to train and validate on, comma-separated: "

@@ -238,8 +238,11 @@ def report(lines: list[dict], args, dtype_name: str) -> str:
 
 
 def main(argv=None) -> int:
-    return common.run_peer_bench(parse_args(argv), worker=worker, measure=measure_model, report=report, dtypes=DTYPES,
-                                 dtype_name=lambda args, device: args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    def dtype_name(args, device) -> str:   # default: fp32 on a CPU, bf16 on CUDA
+        return args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+
+    return common.run_peer_bench(parse_args(argv), worker=worker, measure=measure_model, report=report,
+                                 dtype_name=dtype_name, dtypes=DTYPES)
 
 
 if __name__ == "__main__":

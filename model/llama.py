@@ -137,7 +137,7 @@ class Packing:
         for qb, kb, vb, past in zip(q.split(self.lengths, 2), k.split(self.key_lengths, 2),
                                     v.split(self.key_lengths, 2), self.past):
             n, s = qb.shape[2], kb.shape[2]
-            mask = None                                                                # (n, past + n): i sees 0..past + i
+            mask = None                                                        # (n, past + n): i sees 0..past + i
             if past:
                 mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(past)
             if n % self.block or s % self.block:
