@@ -99,6 +99,21 @@ def _glibc():
         return None
 
 
+def malloc_stats() -> dict[str, int]:
+    """glibc's mallinfo2() over every arena, in bytes and counts ({} without glibc): "uordblks" is what malloc has
+    handed out and not had back, "hblks"/"hblkhd" the blocks (and bytes) that have a mapping of their own, "arena"
+    the heap's size. For benchmarks and tests of the memory below."""
+    import ctypes
+
+    names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return {}
+    libc.mallinfo2.restype = type("MallInfo2", (ctypes.Structure,), {"_fields_": [(n, ctypes.c_size_t) for n in names]})
+    info = libc.mallinfo2()
+    return {n: getattr(info, n) for n in names}
+
+
 KERNEL_CACHE = 64   # oneDNN primitives kept (its default: 1024)
 
 
@@ -108,8 +123,9 @@ def limit_kernel_cache(capacity: int = KERNEL_CACHE) -> None:
     reads the variable once, at its first use). Packed micro-batches come in many token counts (train.py rounds them
     to multiples of 64: up to --micro-batch-tokens / 64 of them), each with its own kernels, and the default cache
     keeps 1,024 of them; a step of one shape reuses its layers' kernels (about 30 distinct ones), which 64 hold
-    (bench/train_memory.py, before the rounding: resident memory +61% over 13 validations with 1,024 entries, +34%
-    with 64, at the same speed)."""
+    (bench/train_memory.py --max-steps 24 --eval-every 2, Walmart-Amazon rows, on the code before the rounding,
+    10ab490, with ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 and 64: resident memory +61% and +34% over 13 validations,
+    205 s both)."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
@@ -122,11 +138,11 @@ def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     freed, so activations of 1-32 MB live in the heap). True when set; nothing is done where the environment sets
     MALLOC_MMAP_THRESHOLD_ (that choice stands: 33554432 is glibc's own ceiling) or without glibc.
 
-    Why: a CPU training step frees and allocates activations of a few MB by the thousand; in the heap, where they
-    land depends on what the steps before left, so a step's peak stepped up now and then. Mapped on their own, they
-    leave no such history: bench/train_memory.py (200 steps, 11 validations, 2,304 Walmart-Amazon rows,
-    bf16, the README's command): peak 2.76 -> 3.53 GB without, 2.56 -> 2.75 GB with, in 800 s and 891 s (fresh pages
-    cost their page faults)."""
+    Why: a CPU training step frees and allocates activations of a few MB by the thousand; with glibc's own rule
+    they live in the heap, where they land depends on what the steps before left, and a step's peak stepped up now
+    and then. Mapped on their own they leave no such history: bench/train_memory.py (the README's 200-step command, 2,304 Walmart-Amazon rows,
+    bf16): peak 2.56 -> 2.75 GB in 891 s; a fixed threshold of 32 MB instead (MALLOC_MMAP_THRESHOLD_=33554432): 3.15
+    -> 3.18 GB in 852 s."""
     libc = _glibc()
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or libc is None or not hasattr(libc, "mallopt"):
         return False
@@ -139,7 +155,8 @@ def release_free_memory() -> None:
     and glibc keeps what is freed in its heap, fragmented: without a trim the resident memory after a step and the
     peak during the next one drift up step by step. train.py trims after every step and every validation on a CPU
     (a trim after every step cost a third of the throughput while kernels piled up; with the shapes bounded,
-    train.FILL_TO and model.llama.pad_to_block, its cost no longer shows against the step)."""
+    train.FILL_TO and model.llama.pad_to_block, the runs that trim after every step are faster than before: the
+    README's bench/train_memory.py figures)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -157,7 +157,7 @@ def pad_to_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     matrix kernels for each query and key length it meets and keeps them for the life of the process, so rows of
     ever-new lengths made a training run's memory climb step after step (bench/attention_memory.py: 300 rows of
     random lengths 100-400, forward and backward: malloc's memory in use 0.10 -> 1.08 GB as they are, 0.09 -> 0.11 GB
-    rounded up to 64, which also ran 1.9x faster: fewer kernels to build)."""
+    rounded up to 64, which also ran 1.7-1.9x faster: fewer kernels to build)."""
     n, s = q.shape[2], k.shape[2]
     n_pad, s_pad = -n % block, -s % block
     if mask is None and n_pad != s_pad:

@@ -47,20 +47,15 @@ def test_train_uses_it(tmp_path, capsys):
 
 
 MAPPED_AFTER = """
-import ctypes, sys
+import sys
 import torch
-from model.cpu import map_large_blocks
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                                "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
+from model.cpu import malloc_stats, map_large_blocks
 done = map_large_blocks() if sys.argv[1] == "set" else None
 x = torch.empty(5 << 20, dtype=torch.uint8)
 del x                                       # freed: glibc's own threshold rises past 5 MB
-before = libc.mallinfo2().hblks
+before = malloc_stats()["hblks"]
 y = torch.empty(5 << 20, dtype=torch.uint8)
-print(done, libc.mallinfo2().hblks - before)
+print(done, malloc_stats()["hblks"] - before)
 """
 
 
